@@ -1,0 +1,3 @@
+"""mailflow: warehouse-native email notifications orchestrated by Prefect."""
+
+__version__ = "0.1.0"

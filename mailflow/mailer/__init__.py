@@ -1,0 +1,5 @@
+"""The mailer: a small interface and its SendGrid implementation."""
+
+from mailflow.mailer.base import Mailer, Outcome, OutboundMessage, SendResult
+
+__all__ = ["Mailer", "OutboundMessage", "Outcome", "SendResult"]

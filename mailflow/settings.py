@@ -1,0 +1,104 @@
+"""One settings object for the whole project (environment prefix ``MAILFLOW_``).
+
+Secrets are ``SecretStr`` so they never print. Outside demo mode a missing or
+placeholder secret fails fast with a message that names the variable to set.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mailflow.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = PROJECT_ROOT / "data"
+TEMPLATES_DIR = PROJECT_ROOT / "templates"
+
+#: The key the local SendGrid API accepts by default. It is a demo value, not a
+#: secret: it only ever opens the local stand-in, never the real service.
+DEMO_API_KEY = "SG.local-demo-key"
+
+_PLACEHOLDERS = {"", "changeme", "change-me", "your-api-key", "SG.xxx", "xxx"}
+
+
+class Settings(BaseSettings):
+    """Runtime configuration, read from ``MAILFLOW_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MAILFLOW_", extra="ignore")
+
+    demo: bool = Field(
+        default=True,
+        description="Demo mode: talk to the local SendGrid API with the demo key. "
+        "Set MAILFLOW_DEMO=false in production.",
+    )
+    warehouse_url: str = Field(
+        default=f"sqlite:///{DATA_DIR / 'warehouse.db'}",
+        description="SQLAlchemy URL of the warehouse.",
+    )
+    sendgrid_host: str = Field(
+        default="http://127.0.0.1:3030",
+        description="Base URL of the SendGrid API (https://api.sendgrid.com in production).",
+    )
+    sendgrid_api_key: SecretStr | None = Field(
+        default=None, description="SendGrid API key (or a Prefect Secret block, see below)."
+    )
+    sendgrid_api_key_block: str | None = Field(
+        default=None, description="Name of a Prefect Secret block holding the SendGrid API key."
+    )
+    from_email: str = "shop@example.com"
+    from_name: str = "Example Shop"
+    public_base_url: str = Field(
+        default="https://shop.example.com",
+        description="Base URL of the shop, used for links back to carts.",
+    )
+    templates_dir: Path = TEMPLATES_DIR
+    http_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    http_concurrency: int = Field(default=100, ge=1, le=1000)
+
+    @field_validator("sendgrid_host")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    def api_key(self) -> SecretStr:
+        """The SendGrid API key: env var, then Prefect Secret block, then the demo key.
+
+        Raises:
+            ConfigError: no usable key outside demo mode.
+        """
+        if self.sendgrid_api_key is not None:
+            key = self.sendgrid_api_key.get_secret_value().strip()
+            if key in _PLACEHOLDERS:
+                raise ConfigError(
+                    "MAILFLOW_SENDGRID_API_KEY is empty or a placeholder; "
+                    "set it to a real SendGrid API key (it starts with 'SG.')."
+                )
+            return SecretStr(key)
+        if self.sendgrid_api_key_block:
+            from prefect.blocks.system import Secret
+
+            try:
+                value = Secret.load(self.sendgrid_api_key_block).get()
+            except ValueError as exc:
+                raise ConfigError(
+                    f"Prefect Secret block {self.sendgrid_api_key_block!r} could not be loaded; "
+                    "create it in the Prefect UI (Blocks → Secret) or unset "
+                    "MAILFLOW_SENDGRID_API_KEY_BLOCK."
+                ) from exc
+            return SecretStr(str(value))
+        if self.demo:
+            return SecretStr(DEMO_API_KEY)
+        raise ConfigError(
+            "No SendGrid API key: set MAILFLOW_SENDGRID_API_KEY, or "
+            "MAILFLOW_SENDGRID_API_KEY_BLOCK to the name of a Prefect Secret block."
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The warehouse: schema, engine, migrations and the synthetic shop."""

@@ -1,0 +1,175 @@
+"""Warehouse schema (SQLAlchemy Core).
+
+Conventions, so that the same SQL runs on SQLite and PostgreSQL:
+- every timestamp is a naive ``DateTime`` holding UTC;
+- money is ``Numeric(12, 2)``;
+- booleans are ``Boolean``; free-form payloads are ``JSON``.
+
+The source tables (customers … orders) model a typical shop; the ``mf_`` tables are
+mailflow's own. Alembic migrations under ``mailflow/migrations`` create them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    false,
+)
+
+# Naming convention so constraint names are the same on every dialect (Alembic needs names).
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BigInteger ids that are still SQLite rowid aliases (autoincrement) on SQLite.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# --- the shop (source data) -------------------------------------------------------------
+
+customers = Table(
+    "customers",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("email", String(320), nullable=True),
+    Column("first_name", String(200), nullable=True),
+    Column("last_name", String(200), nullable=True),
+    Column("locale", String(16), nullable=False, server_default="en"),
+    Column("timezone", String(64), nullable=False, server_default="UTC"),
+    Column("country", String(2), nullable=True),
+    Column("marketing_consent", Boolean, nullable=False, server_default=false()),
+    Column("lifetime_value", Numeric(12, 2), nullable=False, server_default="0"),
+    Column("created_at", DateTime, nullable=False),
+)
+
+products = Table(
+    "products",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("sku", String(64), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("category", String(64), nullable=True),
+    Column("price", Numeric(12, 2), nullable=False),
+    Column("image_url", String(500), nullable=True),
+)
+
+carts = Table(
+    "carts",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("customer_id", Id, ForeignKey("customers.id"), nullable=False, index=True),
+    Column("created_at", DateTime, nullable=False),
+    # Last activity on the cart; "idle" is measured from here.
+    Column("updated_at", DateTime, nullable=False, index=True),
+)
+
+cart_items = Table(
+    "cart_items",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("cart_id", Id, ForeignKey("carts.id"), nullable=False, index=True),
+    Column("product_id", Id, ForeignKey("products.id"), nullable=False),
+    Column("quantity", Integer, nullable=False),
+    Column("unit_price", Numeric(12, 2), nullable=False),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("customer_id", Id, ForeignKey("customers.id"), nullable=False, index=True),
+    # The cart this order was placed from, if any: such a cart is no longer abandoned.
+    Column("cart_id", Id, ForeignKey("carts.id"), nullable=True, index=True),
+    Column("status", String(32), nullable=False, server_default="placed"),
+    Column("total", Numeric(12, 2), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+# --- mailflow's own tables ----------------------------------------------------------------
+
+#: Every planned message, one row per dedupe key, written *before* the send.
+#: status: planned → sending → sent | failed | skipped | unknown
+send_ledger = Table(
+    "mf_send_ledger",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("dedupe_key", String(255), nullable=False, unique=True),
+    Column("trigger", String(64), nullable=False),
+    Column("customer_id", Id, nullable=True, index=True),
+    Column("email", String(320), nullable=False),
+    Column("variant", String(64), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("provider_message_id", String(128), nullable=True),
+    # What the renderer needs, so a later run can resume without re-extracting.
+    Column("context", JSON, nullable=False),
+    Column("flow_run_id", String(64), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("claimed_at", DateTime, nullable=True),
+    Column("sent_at", DateTime, nullable=True),
+    Index("ix_mf_send_ledger_trigger_status", "trigger", "status"),
+    Index("ix_mf_send_ledger_flow_run_id", "flow_run_id"),
+)
+
+#: Rows that failed validation, per run, with the expectation that failed.
+quarantine = Table(
+    "mf_quarantine",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("flow_run_id", String(64), nullable=True, index=True),
+    Column("trigger", String(64), nullable=False),
+    Column("dedupe_key", String(255), nullable=True),
+    Column("customer_id", Id, nullable=True),
+    Column("email", String(320), nullable=True),
+    Column("expectation", String(128), nullable=False),
+    Column("column_name", String(128), nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("row", JSON, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+)
+
+#: Addresses nobody may email (bounces, complaints, unsubscribes, manual entries).
+#: ``email`` is stored lower-cased and compared with ``lower(customers.email)``.
+suppressions = Table(
+    "mf_suppressions",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    Column("reason", String(64), nullable=False),
+    Column("source", String(255), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+)
+
+#: One row per flow run: what it found, excluded, quarantined, sent, failed.
+run_log = Table(
+    "mf_runs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("flow_run_id", String(64), nullable=True, index=True),
+    Column("trigger", String(64), nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime, nullable=True),
+    Column("summary", JSON, nullable=True),
+)
+
+LEDGER_STATES = ("planned", "sending", "sent", "failed", "skipped", "unknown")
+TERMINAL_STATES = ("sent", "failed", "skipped", "unknown")
