@@ -51,13 +51,30 @@ class Settings(BaseSettings):
     )
     from_email: str = "shop@example.com"
     from_name: str = "Example Shop"
+    support_email: str = "help@example.com"
+    shop_address: str = Field(
+        default="1 Example Street, Springfield",
+        description="Postal address shown in every footer (required for marketing email).",
+    )
     public_base_url: str = Field(
         default="https://shop.example.com",
         description="Base URL of the shop, used for links back to carts.",
     )
     templates_dir: Path = TEMPLATES_DIR
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
-    http_concurrency: int = Field(default=100, ge=1, le=1000)
+    http_concurrency: int = Field(
+        default=100, ge=1, le=1000, description="Requests in flight per send batch."
+    )
+    http_max_attempts: int = Field(
+        default=4, ge=1, le=20, description="Tries per message inside a batch (429/5xx)."
+    )
+    http_backoff_base_s: float = Field(default=0.25, ge=0, le=60)
+    send_task_retries: int = Field(
+        default=3, ge=0, le=20, description="Prefect retries of a batch with pending messages."
+    )
+    send_task_retry_delays_s: list[float] = Field(
+        default=[2.0, 10.0, 30.0], description="Delay before each batch retry (seconds)."
+    )
 
     @field_validator("sendgrid_host")
     @classmethod

@@ -1,0 +1,60 @@
+"""Fixtures that build real things: a migrated SQLite warehouse, a running local
+SendGrid API, and Prefect's test harness (a temporary Prefect server)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+from mailflow.settings import get_settings  # noqa: E402
+from mailflow.warehouse.engine import dispose_engines  # noqa: E402
+from mailflow.warehouse.migrate import upgrade  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def warehouse_url(tmp_path: Path) -> Iterator[str]:
+    """A freshly migrated SQLite warehouse file, removed afterwards."""
+    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    upgrade(url)
+    yield url
+    dispose_engines()
+
+
+@pytest.fixture
+def sink() -> Iterator[object]:
+    """The local SendGrid API, running on a free port in this process."""
+    from mailflow.sink.testing import running_sink
+
+    with running_sink() as handle:
+        yield handle
+
+
+@pytest.fixture
+def env(
+    monkeypatch: pytest.MonkeyPatch, warehouse_url: str, sink: object
+) -> Iterator[pytest.MonkeyPatch]:
+    """Settings pointing at the test warehouse and the local API, with fast retries."""
+    monkeypatch.setenv("MAILFLOW_DEMO", "true")
+    monkeypatch.setenv("MAILFLOW_WAREHOUSE_URL", warehouse_url)
+    monkeypatch.setenv("MAILFLOW_SENDGRID_HOST", sink.url)  # type: ignore[attr-defined]
+    monkeypatch.setenv("MAILFLOW_HTTP_BACKOFF_BASE_S", "0.01")
+    monkeypatch.setenv("MAILFLOW_SEND_TASK_RETRY_DELAYS_S", "[0, 0, 0]")
+    monkeypatch.setenv("MAILFLOW_HTTP_TIMEOUT_S", "5")
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+    dispose_engines()

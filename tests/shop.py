@@ -1,0 +1,91 @@
+"""Build small, exact shops for tests (the synthetic seeder is for volume)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+
+from sqlalchemy import Engine, insert
+
+from mailflow.ledger import utcnow
+from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
+
+
+@dataclass
+class Shopper:
+    """One customer with one cart idle for ``idle_hours``."""
+
+    email: str | None
+    first_name: str | None = "Ann"
+    locale: str = "en"
+    consent: bool = True
+    lifetime_value: str = "120.00"
+    idle_hours: float = 6.0
+    items: list[tuple[int, int, str]] = field(default_factory=lambda: [(1, 2, "19.90")])
+    ordered: bool = False
+
+
+def build_shop(engine: Engine, shoppers: list[Shopper]) -> dict[str, int]:
+    """Insert products, the shoppers and their carts; returns cart id by email."""
+    now = utcnow()
+    cart_of: dict[str, int] = {}
+    with engine.begin() as conn:
+        conn.execute(
+            insert(products),
+            [
+                {
+                    "id": i,
+                    "sku": f"SKU-{i}",
+                    "name": f"Product {i}",
+                    "category": "test",
+                    "price": Decimal("19.90"),
+                    "image_url": f"https://shop.example.com/img/{i}.jpg",
+                }
+                for i in range(1, 4)
+            ],
+        )
+        item_id = 1
+        for n, s in enumerate(shoppers, 1):
+            conn.execute(
+                insert(customers).values(
+                    id=n,
+                    email=s.email,
+                    first_name=s.first_name,
+                    locale=s.locale,
+                    timezone="UTC",
+                    country="US",
+                    marketing_consent=s.consent,
+                    lifetime_value=Decimal(s.lifetime_value),
+                    created_at=now - timedelta(days=100),
+                )
+            )
+            at = now - timedelta(hours=s.idle_hours)
+            conn.execute(
+                insert(carts).values(id=n, customer_id=n, created_at=at, updated_at=at)
+            )
+            for product_id, qty, price in s.items:
+                conn.execute(
+                    insert(cart_items).values(
+                        id=item_id,
+                        cart_id=n,
+                        product_id=product_id,
+                        quantity=qty,
+                        unit_price=Decimal(price),
+                    )
+                )
+                item_id += 1
+            if s.ordered:
+                conn.execute(
+                    insert(orders).values(
+                        id=n,
+                        customer_id=n,
+                        cart_id=n,
+                        status="placed",
+                        total=Decimal("10"),
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+            cart_of[s.email or f"<none {n}>"] = n
+    return cart_of
