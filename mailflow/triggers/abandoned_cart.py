@@ -1,0 +1,161 @@
+"""Trigger ``abandoned_cart``: a cart idle for a while, with items, never ordered.
+
+Dedupe key ``abandoned_cart:<cart_id>``: one reminder per cart, ever. A customer
+with several idle carts hears about the most recent one only, and not again for
+``cooldown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Connection, String, cast, exists, func, literal, select
+
+from mailflow.triggers.base import ContextDefaults, Trigger
+from mailflow.validation import SUPPORTED_LOCALES, Rule, Suite
+from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
+
+NAME = "abandoned_cart"
+_ITEM_CHUNK = 2_000
+
+
+def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
+    """Carts idle longer than ``idle_hours`` but not older than ``max_age_days``."""
+    totals = (
+        select(
+            cart_items.c.cart_id,
+            func.sum(cart_items.c.quantity * cart_items.c.unit_price).label("cart_total"),
+            func.sum(cart_items.c.quantity).label("item_count"),
+        )
+        .group_by(cart_items.c.cart_id)
+        .subquery("totals")
+    )
+    idle_before = now - timedelta(hours=float(p["idle_hours"]))
+    not_before = now - timedelta(days=float(p["max_age_days"]))
+    return (
+        select(
+            (literal(f"{NAME}:") + cast(carts.c.id, String)).label("dedupe_key"),
+            customers.c.id.label("customer_id"),
+            customers.c.email,
+            customers.c.first_name,
+            customers.c.locale,
+            customers.c.timezone,
+            customers.c.marketing_consent,
+            customers.c.lifetime_value,
+            carts.c.id.label("cart_id"),
+            carts.c.updated_at.label("cart_updated_at"),
+            totals.c.cart_total,
+            totals.c.item_count,
+        )
+        .select_from(carts)
+        .join(customers, customers.c.id == carts.c.customer_id)
+        # Inner join: a cart without items has nothing to remind anyone of.
+        .join(totals, totals.c.cart_id == carts.c.id)
+        .where(
+            carts.c.updated_at < idle_before,
+            carts.c.updated_at >= not_before,
+            ~exists().where(orders.c.cart_id == carts.c.id),
+        )
+    )
+
+
+def _money(value: Any) -> str:
+    return f"{Decimal(str(value)).quantize(Decimal('0.01'))}"
+
+
+def build_contexts(
+    conn: Connection, frame: pd.DataFrame, shop: ContextDefaults
+) -> list[dict[str, Any]]:
+    """One render context per row: the customer, the cart with its items, the shop."""
+    cart_ids = [int(x) for x in frame["cart_id"].tolist()]
+    items: dict[int, list[dict[str, Any]]] = {}
+    stmt = (
+        select(
+            cart_items.c.cart_id,
+            products.c.name,
+            products.c.image_url,
+            cart_items.c.quantity,
+            cart_items.c.unit_price,
+        )
+        .join(products, products.c.id == cart_items.c.product_id)
+        .order_by(cart_items.c.cart_id, cart_items.c.id)
+    )
+    for start in range(0, len(cart_ids), _ITEM_CHUNK):
+        part = cart_ids[start : start + _ITEM_CHUNK]
+        for cart_id, name, image_url, qty, price in conn.execute(
+            stmt.where(cart_items.c.cart_id.in_(part))
+        ):
+            items.setdefault(cart_id, []).append(
+                {
+                    "name": name,
+                    "quantity": int(qty),
+                    "unit_price": _money(price),
+                    "line_total": _money(Decimal(str(price)) * int(qty)),
+                    "image_url": image_url,
+                }
+            )
+    shop_ctx = {
+        "name": shop.shop_name,
+        "url": shop.shop_url,
+        "support_email": shop.support_email,
+        "address": shop.shop_address,
+    }
+    contexts = []
+    for row in frame.itertuples(index=False):
+        cart_id = int(row.cart_id)
+        first_name = row.first_name if isinstance(row.first_name, str) else None
+        contexts.append(
+            {
+                "customer": {
+                    "id": int(row.customer_id),
+                    "first_name": first_name,
+                    "email": row.email,
+                    "locale": row.locale,
+                    "lifetime_value": _money(row.lifetime_value),
+                },
+                "cart": {
+                    "id": cart_id,
+                    "url": f"{shop.shop_url}/cart/{cart_id}",
+                    "total": _money(row.cart_total),
+                    "currency": "USD",
+                    "item_count": int(row.item_count),
+                    "items": items.get(cart_id, []),
+                },
+                "shop": shop_ctx,
+            }
+        )
+    return contexts
+
+
+def variant(row: Mapping[str, Any], p: Mapping[str, Any]) -> str | None:
+    """``vip`` for customers whose lifetime value reaches the threshold."""
+    return "vip" if Decimal(str(row["lifetime_value"])) >= Decimal(str(p["vip_threshold"])) else None
+
+
+TRIGGER = Trigger(
+    name=NAME,
+    template=NAME,
+    kind="marketing",
+    candidates=candidates,
+    priority=(("cart_updated_at", "desc"), ("cart_id", "desc")),
+    suite=Suite(
+        NAME,
+        (
+            Rule.not_null("email"),
+            Rule.email("email"),
+            Rule.unique("email", normalise="lower"),
+            Rule.length_between("first_name", 1, 100, allow_null=True),
+            Rule.in_set("locale", SUPPORTED_LOCALES),
+            Rule.greater_than("cart_total", 0),
+        ),
+    ),
+    build_contexts=build_contexts,
+    variant=variant,
+    one_per_customer=True,
+    cooldown=timedelta(days=7),
+    defaults={"idle_hours": 4.0, "max_age_days": 7.0, "vip_threshold": 1000.0},
+)
