@@ -1,0 +1,45 @@
+"""Flow ``abandoned-cart``: remind customers of carts they left behind."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from flows.pipeline import run_trigger
+from tasks.record import RunSummary
+
+
+@flow(
+    name="abandoned-cart",
+    description="Email customers whose cart has been idle for a while and never ordered.",
+    # A few batches in flight at once: each waits mostly on the network.
+    task_runner=ThreadPoolTaskRunner(max_workers=4),
+)
+def abandoned_cart(
+    idle_hours: Annotated[
+        float, Field(gt=0, le=168, description="A cart idle longer than this is abandoned.")
+    ] = 4.0,
+    max_age_days: Annotated[
+        float, Field(gt=0, le=30, description="Carts idle longer than this are left alone.")
+    ] = 7.0,
+    vip_threshold: Annotated[
+        float, Field(ge=0, description="Lifetime value from which the VIP variant is sent.")
+    ] = 1000.0,
+    batch_size: Annotated[
+        int, Field(ge=1, le=1000, description="Messages per send task (one Prefect task each).")
+    ] = 500,
+    max_bad_share: Annotated[
+        float,
+        Field(ge=0, le=1, description="Fail the run when more than this share of rows is bad."),
+    ] = 0.05,
+) -> RunSummary:
+    """Find abandoned carts, validate, plan in the ledger, render, send, record."""
+    return run_trigger(
+        "abandoned_cart",
+        {"idle_hours": idle_hours, "max_age_days": max_age_days, "vip_threshold": vip_threshold},
+        batch_size=batch_size,
+        max_bad_share=max_bad_share,
+    )

@@ -1,0 +1,82 @@
+"""The one pipeline every trigger runs: extract → validate → plan → render/send → record.
+
+Called from inside a trigger's flow; it orders tasks and holds no business logic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from mailflow.errors import DataQualityError, FatalRunError, MailflowError, TransientError
+from mailflow.ledger import utcnow
+from mailflow.settings import get_settings
+from mailflow.triggers import get_trigger
+from tasks.extract import extract_recipients
+from tasks.plan import plan_messages
+from tasks.record import RunSummary, record_summary
+from tasks.send import forget_abort, get_renderer, send_batch
+from tasks.validate import validate_recipients
+
+
+def run_trigger(
+    trigger_name: str,
+    params: dict[str, Any],
+    *,
+    batch_size: int,
+    max_bad_share: float,
+) -> RunSummary:
+    """Run ``trigger_name`` once and return its summary.
+
+    Raises (after the summary is published): ``FatalRunError`` when the key was refused,
+    ``DataQualityError`` when the validation gate failed, ``TransientError`` when some
+    messages are still pending after every retry (the next run sends them).
+    """
+    logger = get_run_logger()
+    started = utcnow()
+    run_id = flow_run.get_id()
+    trigger = get_trigger(trigger_name)
+    params = trigger.params(params)
+    # Fail fast, before anything is planned: a missing key or a broken template
+    # would otherwise turn every message of the run into a failure.
+    get_settings().api_key()
+    get_renderer().check(trigger.template)
+
+    summary = RunSummary(trigger=trigger_name, flow_run_id=run_id)
+    extracted = extract_recipients(trigger_name, params, started)
+    summary.found, summary.excluded = extracted.found, extracted.excluded
+    validated = validate_recipients(trigger_name, extracted.frame, run_id, max_bad_share)
+    summary.quarantined, summary.quarantined_rows = validated.quarantined, validated.bad_rows
+    error: MailflowError | None = None
+    if validated.gate_error:
+        error = DataQualityError(validated.gate_error)
+    else:
+        batches = plan_messages(trigger_name, validated.frame, params, run_id, batch_size)
+        summary.planned = sum(len(b) for b in batches)
+        settings = get_settings()
+        sender = send_batch.with_options(
+            retries=settings.send_task_retries,
+            retry_delay_seconds=settings.send_task_retry_delays_s,
+        )
+        futures = [sender.submit(trigger_name, ids, n, run_id) for n, ids in enumerate(batches, 1)]
+        for future in futures:
+            future.wait()
+            state = future.state
+            if state.is_failed():
+                exc = state.result(raise_on_failure=False)
+                if isinstance(exc, FatalRunError):
+                    error = exc
+                elif error is None and isinstance(exc, MailflowError):
+                    error = exc
+                elif error is None:
+                    error = MailflowError(f"a send batch failed unexpectedly: {exc!r}")
+        forget_abort(run_id)
+    if error is not None:
+        summary.error = str(error)
+    summary = record_summary(summary, started)
+    if summary.error is not None:
+        logger.error("%s run did not finish cleanly: %s", trigger_name, summary.error)
+        raise error or TransientError(summary.error)
+    return summary

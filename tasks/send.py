@@ -1,0 +1,186 @@
+"""Send stage: one Prefect task per batch — claim, render, send, record.
+
+A batch (hundreds to a thousand messages) is the unit of a task, so Prefect's
+per-task cost is paid per batch, not per email. Inside a batch the requests run
+concurrently over pooled connections.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from mailflow import ledger
+from mailflow.errors import FatalRunError, TemplateError, TransientError
+from mailflow.mailer.base import OutboundMessage, Outcome, SendResult
+from mailflow.mailer.sendgrid import FatalSendError, SendGridMailer
+from mailflow.render import Renderer
+from mailflow.settings import get_settings
+from mailflow.triggers import get_trigger
+from mailflow.warehouse.engine import get_engine
+
+# Flow runs that hit a fatal error: their remaining batches must not start. Batches
+# of one run share this process (thread pool); on other workers each batch would
+# meet the same refusal on its first request and stop there.
+_aborted_runs: set[str] = set()
+_aborted_lock = threading.Lock()
+
+
+def _abort(flow_run_id: str | None) -> None:
+    with _aborted_lock:
+        _aborted_runs.add(flow_run_id or "")
+
+
+def forget_abort(flow_run_id: str | None) -> None:
+    """Drop the run's abort mark once the run is over."""
+    with _aborted_lock:
+        _aborted_runs.discard(flow_run_id or "")
+
+
+def is_aborted(flow_run_id: str | None) -> bool:
+    with _aborted_lock:
+        return (flow_run_id or "") in _aborted_runs
+
+
+@lru_cache(maxsize=4)
+def _renderer(templates_dir: str) -> Renderer:
+    from pathlib import Path
+
+    return Renderer(Path(templates_dir))
+
+
+def get_renderer() -> Renderer:
+    """The process-wide renderer (compiled templates are cached inside)."""
+    return _renderer(str(get_settings().templates_dir))
+
+
+def retry_only_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry the batch only for errors worth retrying (never for a refused key)."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TransientError)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did (this attempt)."""
+
+    claimed: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def build_message(
+    claimed: ledger.ClaimedMessage, trigger_name: str, template: str, renderer: Renderer
+) -> OutboundMessage:
+    """Render one claimed ledger row into a message (raises ``TemplateError``)."""
+    ctx = claimed.context
+    rendered = renderer.render(
+        template, ctx, locale=ctx.get("customer", {}).get("locale"), variant=claimed.variant
+    )
+    customer = ctx.get("customer", {})
+    return OutboundMessage(
+        ledger_id=claimed.id,
+        to_email=claimed.email,
+        to_name=customer.get("first_name") or None,
+        subject=rendered.subject,
+        html=rendered.html,
+        text=rendered.text,
+        categories=(trigger_name,),
+        # Comes back on every engagement event: links the event to this ledger row.
+        custom_args={"ledger_id": str(claimed.id), "trigger": trigger_name},
+    )
+
+
+def make_mailer() -> SendGridMailer:
+    """The configured SendGrid mailer (local API in demo mode)."""
+    s = get_settings()
+    return SendGridMailer(
+        s.sendgrid_host,
+        s.api_key(),
+        from_email=s.from_email,
+        from_name=s.from_name,
+        concurrency=s.http_concurrency,
+        timeout_s=s.http_timeout_s,
+        max_attempts=s.http_max_attempts,
+        backoff_base_s=s.http_backoff_base_s,
+    )
+
+
+@task(
+    name="send-batch",
+    task_run_name="send-{trigger_name}-{batch_no}",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=retry_only_transient,
+    cache_policy=NONE,
+    persist_result=False,
+)
+async def send_batch(
+    trigger_name: str, ledger_ids: list[int], batch_no: int, flow_run_id: str | None
+) -> BatchReport:
+    """Claim the batch's planned rows, render, send, and record every answer.
+
+    Raises:
+        TransientError: some messages were not accepted yet (429/5xx); they are back
+            to ``planned`` and the task retry sends them (never the others).
+        FatalRunError: the key was refused; nothing unsent is marked sent.
+    """
+    logger = get_run_logger()
+    if is_aborted(flow_run_id):
+        return BatchReport()
+    trigger = get_trigger(trigger_name)
+    mailer = make_mailer()  # a configuration error stops here, before anything is claimed
+    engine = get_engine()
+    with engine.begin() as conn:
+        claimed = ledger.claim(conn, ledger_ids, flow_run_id=flow_run_id)
+    if not claimed:
+        return BatchReport()
+
+    renderer = get_renderer()
+    results: list[SendResult] = []
+    messages: list[OutboundMessage] = []
+    for c in claimed:
+        try:
+            messages.append(build_message(c, trigger_name, trigger.template, renderer))
+        except TemplateError as exc:
+            results.append(
+                SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
+            )
+
+    try:
+        async with mailer:
+            results.extend(await mailer.send_many(messages))
+    except FatalSendError as exc:
+        _abort(flow_run_id)
+        results.extend(exc.settled)
+        settled_ids = {r.ledger_id for r in results}
+        with engine.begin() as conn:
+            ledger.settle(conn, results)
+            ledger.release(
+                conn,
+                [m.ledger_id for m in messages if m.ledger_id not in settled_ids],
+                reason=f"not sent: run stopped ({exc})",
+            )
+        raise FatalRunError(str(exc)) from None
+
+    with engine.begin() as conn:
+        ledger.settle(conn, results)
+    outcomes = Counter(r.outcome.value for r in results)
+    report = BatchReport(claimed=len(claimed), outcomes=dict(outcomes))
+    logger.info(
+        "batch %d: %s", batch_no, ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items()))
+    )
+    pending = [r for r in results if r.outcome is Outcome.RETRY]
+    if pending:
+        raise TransientError(
+            f"{len(pending)} of {len(claimed)} messages not accepted yet "
+            f"({pending[0].reason}); they are back to planned and will be retried"
+        )
+    return report
