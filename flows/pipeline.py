@@ -64,14 +64,14 @@ def run_trigger(
         for future in futures:
             future.wait()
             state = future.state
-            if state.is_failed():
-                exc = state.result(raise_on_failure=False)
-                if isinstance(exc, FatalRunError):
-                    error = exc
-                elif error is None and isinstance(exc, MailflowError):
-                    error = exc
-                elif error is None:
-                    error = MailflowError(f"a send batch failed unexpectedly: {exc!r}")
+            if not state.is_failed():
+                continue
+            exc = state.result(raise_on_failure=False)
+            if not isinstance(exc, MailflowError):
+                exc = MailflowError(f"a send batch failed unexpectedly: {exc!r}")
+            # A refused key outranks everything; otherwise the first error is reported.
+            if error is None or isinstance(exc, FatalRunError):
+                error = exc
         forget_abort(run_id)
     if error is not None:
         summary.error = str(error)

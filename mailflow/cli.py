@@ -161,9 +161,9 @@ def demo(
         f"- the local SendGrid API accepted {accepted:,} messages "
         f"(first run sent {first.sent:,}, second run {second.sent:,})\n"
         f"- ledger, one row per message:  sqlite3 {db_path.name and 'data/demo.db'} "
-        "\"select status, count(*) from mf_send_ledger group by status\"\n"
+        '"select status, count(*) from mf_send_ledger group by status"\n'
         "- quarantined rows and why:      sqlite3 data/demo.db "
-        "\"select expectation, count(*) from mf_quarantine group by 1\"\n"
+        '"select expectation, count(*) from mf_quarantine group by 1"\n'
         "- run summaries:                 table mf_runs; in the Prefect UI, the artifact "
         "'abandoned-cart-summary'\n"
         "- serve the local API yourself:  mailflow sink --latency-ms 50, then "

@@ -120,9 +120,7 @@ def planned_ids(conn: Connection, trigger: str) -> list[int]:
     return [r[0] for r in rows]
 
 
-def expire_stale_claims(
-    conn: Connection, trigger: str, *, lease: timedelta = DEFAULT_LEASE
-) -> int:
+def expire_stale_claims(conn: Connection, trigger: str, *, lease: timedelta = DEFAULT_LEASE) -> int:
     """Rows stuck in ``sending`` past their lease (a crashed run) become ``unknown``."""
     now = utcnow()
     result = conn.execute(
@@ -226,14 +224,14 @@ def release(conn: Connection, ids: Sequence[int], *, reason: str) -> None:
         )
 
 
-def status_counts(conn: Connection, *, trigger: str, flow_run_id: str | None = None) -> dict[str, int]:
+def status_counts(
+    conn: Connection, *, trigger: str, flow_run_id: str | None = None
+) -> dict[str, int]:
     """Rows per status for a trigger (and run, when given)."""
     cond = [send_ledger.c.trigger == trigger]
     if flow_run_id is not None:
         cond.append(send_ledger.c.flow_run_id == flow_run_id)
     rows = conn.execute(
-        select(send_ledger.c.status, func.count())
-        .where(and_(*cond))
-        .group_by(send_ledger.c.status)
+        select(send_ledger.c.status, func.count()).where(and_(*cond)).group_by(send_ledger.c.status)
     )
     return {status: n for status, n in rows}

@@ -64,7 +64,8 @@ def get_renderer() -> Renderer:
 
 def retry_only_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry the batch only for errors worth retrying (never for a refused key)."""
-    exc = state.result(raise_on_failure=False)
+    # _sync: this runs inside the async task engine, where result() would be a coroutine.
+    exc = state.result(raise_on_failure=False, _sync=True)  # type: ignore[call-overload]
     return isinstance(exc, TransientError)
 
 
@@ -150,9 +151,7 @@ async def send_batch(
         try:
             messages.append(build_message(c, trigger_name, trigger.template, renderer))
         except TemplateError as exc:
-            results.append(
-                SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
-            )
+            results.append(SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0))
 
     try:
         async with mailer:

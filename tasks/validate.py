@@ -47,13 +47,10 @@ def validate_recipients(
     trigger = get_trigger(trigger_name)
     outcome = validate_frame(frame, trigger.suite, key_column="dedupe_key")
     if outcome.violations:
-        by_key = frame.set_index("dedupe_key", drop=False)
         now = utcnow()
         rows = []
         for v in outcome.violations:
-            src = by_key.loc[v.row_key]
-            if isinstance(src, pd.DataFrame):  # a key twice in one frame cannot happen, but
-                src = src.iloc[0]  # keep going rather than lose the record if it does
+            src = frame.iloc[v.position]
             record = {k: _jsonable(src[k]) for k in frame.columns}
             rows.append(
                 {
@@ -88,7 +85,7 @@ def validate_recipients(
         gate_error = str(exc)
     return Validated(
         frame=outcome.good,
-        quarantined=dict(outcome.counts),
+        quarantined={rule: n for rule, n in outcome.counts.items() if n},
         bad_rows=outcome.bad_rows,
         gate_error=gate_error,
     )

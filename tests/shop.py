@@ -61,9 +61,7 @@ def build_shop(engine: Engine, shoppers: list[Shopper]) -> dict[str, int]:
                 )
             )
             at = now - timedelta(hours=s.idle_hours)
-            conn.execute(
-                insert(carts).values(id=n, customer_id=n, created_at=at, updated_at=at)
-            )
+            conn.execute(insert(carts).values(id=n, customer_id=n, created_at=at, updated_at=at))
             for product_id, qty, price in s.items:
                 conn.execute(
                     insert(cart_items).values(

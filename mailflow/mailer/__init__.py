@@ -1,5 +1,5 @@
 """The mailer: a small interface and its SendGrid implementation."""
 
-from mailflow.mailer.base import Mailer, Outcome, OutboundMessage, SendResult
+from mailflow.mailer.base import Mailer, OutboundMessage, Outcome, SendResult
 
 __all__ = ["Mailer", "OutboundMessage", "Outcome", "SendResult"]

@@ -23,9 +23,7 @@ else:
     try:
         with engine.connect() as connection:
             # render_as_batch lets ALTERs run on SQLite too (table copy).
-            context.configure(
-                connection=connection, target_metadata=metadata, render_as_batch=True
-            )
+            context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
             with context.begin_transaction():
                 context.run_migrations()
     finally:

@@ -20,6 +20,4 @@ def get_trigger(name: str) -> Trigger:
     try:
         return triggers[name]
     except KeyError:
-        raise KeyError(
-            f"unknown trigger {name!r}; known: {', '.join(sorted(triggers))}"
-        ) from None
+        raise KeyError(f"unknown trigger {name!r}; known: {', '.join(sorted(triggers))}") from None

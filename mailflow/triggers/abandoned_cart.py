@@ -133,7 +133,9 @@ def build_contexts(
 
 def variant(row: Mapping[str, Any], p: Mapping[str, Any]) -> str | None:
     """``vip`` for customers whose lifetime value reaches the threshold."""
-    return "vip" if Decimal(str(row["lifetime_value"])) >= Decimal(str(p["vip_threshold"])) else None
+    return (
+        "vip" if Decimal(str(row["lifetime_value"])) >= Decimal(str(p["vip_threshold"])) else None
+    )
 
 
 TRIGGER = Trigger(

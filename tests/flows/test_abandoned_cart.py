@@ -176,7 +176,9 @@ def test_template_error_fails_only_that_message(env, sink, tmp_path: Path) -> No
     shutil.copytree(TEMPLATES_DIR, templates)
     # The VIP body asks for a field no context has: only VIPs fail, at render time.
     for vip in templates.glob("abandoned_cart/**/vip.body.html"):
-        vip.write_text(vip.read_text() + "{{ cart.coupon_code }}")
+        source = vip.read_text()
+        assert "{% endblock %}" in source
+        vip.write_text(source.replace("{% endblock %}", "{{ cart.coupon_code }}{% endblock %}", 1))
     env.setenv("MAILFLOW_TEMPLATES_DIR", str(templates))
     get_settings.cache_clear()
     build_shop(
