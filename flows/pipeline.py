@@ -49,6 +49,7 @@ def run_trigger(
     summary.found, summary.excluded = extracted.found, extracted.excluded
     validated = validate_recipients(trigger_name, extracted.frame, run_id, max_bad_share)
     summary.quarantined, summary.quarantined_rows = validated.quarantined, validated.bad_rows
+    summary.still_quarantined = validated.still_quarantined
     error: MailflowError | None = None
     if validated.gate_error:
         error = DataQualityError(validated.gate_error)

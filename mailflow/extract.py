@@ -57,14 +57,21 @@ def build_queries(trigger: Trigger, now: datetime, params: Mapping[str, Any]) ->
         (exists().where(send_ledger.c.dedupe_key == r.dedupe_key), "already_notified"),
     ]
     if trigger.cooldown is not None:
+        recent = (
+            send_ledger.c.trigger == trigger.name,
+            send_ledger.c.created_at >= now - trigger.cooldown,
+            send_ledger.c.status.in_(_NOTIFIED_STATES),
+        )
+        # By customer, and by address: two customer records can share one inbox.
         whens.append(
             (
-                exists().where(
-                    send_ledger.c.trigger == trigger.name,
-                    send_ledger.c.customer_id == r.customer_id,
-                    send_ledger.c.created_at >= now - trigger.cooldown,
-                    send_ledger.c.status.in_(_NOTIFIED_STATES),
-                ),
+                exists().where(send_ledger.c.customer_id == r.customer_id, *recent),
+                "recently_notified",
+            )
+        )
+        whens.append(
+            (
+                exists().where(send_ledger.c.email == func.lower(func.trim(r.email)), *recent),
                 "recently_notified",
             )
         )

@@ -67,7 +67,8 @@ def plan_messages(
                 (
                     ledger.PlannedMessage(
                         dedupe_key=row["dedupe_key"],
-                        email=str(row["email"]).strip(),
+                        # Stored normalised: the exclusions compare addresses case-insensitively.
+                        email=str(row["email"]).strip().lower(),
                         customer_id=int(row["customer_id"]),
                         variant=trigger.variant(row, params),
                         context=ctx,

@@ -27,6 +27,7 @@ class RunSummary:
     excluded: dict[str, int] = field(default_factory=dict)
     quarantined: dict[str, int] = field(default_factory=dict)
     quarantined_rows: int = 0
+    still_quarantined: int = 0  # quarantined by an earlier run and still bad
     planned: int = 0
     sent: int = 0
     failed: dict[str, int] = field(default_factory=dict)
@@ -49,6 +50,14 @@ class RunSummary:
             {"stage": "validate", "what": f"quarantined: {k}", "count": v}
             for k, v in sorted(self.quarantined.items())
         ]
+        if self.still_quarantined:
+            out.append(
+                {
+                    "stage": "validate",
+                    "what": "still quarantined (earlier run)",
+                    "count": self.still_quarantined,
+                }
+            )
         out.append({"stage": "plan", "what": "planned", "count": self.planned})
         out.append({"stage": "send", "what": "sent", "count": self.sent})
         out += [

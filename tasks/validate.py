@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from sqlalchemy import select
 
 from mailflow.errors import DataQualityError
 from mailflow.ledger import utcnow
@@ -25,6 +27,7 @@ class Validated:
     frame: pd.DataFrame
     quarantined: dict[str, int] = field(default_factory=dict)
     bad_rows: int = 0
+    still_quarantined: int = 0  # quarantined by an earlier run, still bad
     gate_error: str | None = None
 
 
@@ -34,11 +37,35 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
+def _already_quarantined(trigger_name: str, keys: list[str]) -> set[str]:
+    """Which of ``keys`` an earlier run already quarantined for this trigger."""
+    found: set[str] = set()
+    cols = quarantine.c
+    with get_engine().connect() as conn:
+        for start in range(0, len(keys), 5_000):
+            found.update(
+                conn.execute(
+                    select(cols.dedupe_key)
+                    .where(
+                        cols.trigger == trigger_name,
+                        cols.dedupe_key.in_(keys[start : start + 5_000]),
+                    )
+                    .distinct()
+                ).scalars()
+            )
+    return found
+
+
 @task(name="validate", cache_policy=NONE, persist_result=False)
 def validate_recipients(
     trigger_name: str, frame: pd.DataFrame, flow_run_id: str | None, max_bad_share: float
 ) -> Validated:
-    """Run the suite; write every violation to ``mf_quarantine`` with the run id.
+    """Run the suite; write each new violation to ``mf_quarantine`` with the run id.
+
+    A quarantined row comes back on every run until its data is fixed (then it is
+    sent) or it leaves the trigger's window. Rows an earlier run already quarantined
+    are validated again but neither recorded twice nor counted against the gate: the
+    gate judges what is new, so one bad batch of data does not block every later run.
 
     The gate is checked *after* the quarantine is written, so a failed gate still
     leaves the evidence behind. A failed gate is returned as ``gate_error`` for the
@@ -46,10 +73,16 @@ def validate_recipients(
     """
     trigger = get_trigger(trigger_name)
     outcome = validate_frame(frame, trigger.suite, key_column="dedupe_key")
-    if outcome.violations:
+    known = (
+        _already_quarantined(trigger_name, sorted({v.row_key for v in outcome.violations}))
+        if outcome.violations
+        else set()
+    )
+    fresh = [v for v in outcome.violations if v.row_key not in known]
+    if fresh:
         now = utcnow()
         rows = []
-        for v in outcome.violations:
+        for v in fresh:
             src = frame.iloc[v.position]
             record = {k: _jsonable(src[k]) for k in frame.columns}
             rows.append(
@@ -68,24 +101,36 @@ def validate_recipients(
             )
         with get_engine().begin() as conn:
             conn.execute(quarantine.insert(), rows)
+    counts = Counter(v.rule for v in fresh)
+    new_bad = len({v.row_key for v in fresh})
+    still_bad = outcome.bad_rows - new_bad
     logger = get_run_logger()
     if outcome.bad_rows:
         logger.warning(
-            "%s: quarantined %d of %d rows (%.2f%%): %s — see table mf_quarantine",
+            "%s: quarantined %d new rows of %d (%s); %d quarantined earlier are still bad "
+            "— see table mf_quarantine",
             trigger_name,
-            outcome.bad_rows,
+            new_bad,
             outcome.total_rows,
-            100 * outcome.bad_share,
-            ", ".join(f"{k}={n}" for k, n in sorted(outcome.counts.items())),
+            ", ".join(f"{k}={n}" for k, n in sorted(counts.items())) or "none",
+            still_bad,
         )
     gate_error = None
+    judged = replace(
+        outcome,
+        violations=fresh,
+        bad_rows=new_bad,
+        total_rows=outcome.total_rows - still_bad,
+        counts=dict(counts),
+    )
     try:
-        check_gate(outcome, max_bad_share=max_bad_share)
+        check_gate(judged, max_bad_share=max_bad_share)
     except DataQualityError as exc:  # raised by the flow once the summary is out
         gate_error = str(exc)
     return Validated(
         frame=outcome.good,
-        quarantined={rule: n for rule, n in outcome.counts.items() if n},
-        bad_rows=outcome.bad_rows,
+        quarantined=dict(counts),
+        bad_rows=new_bad,
+        still_quarantined=still_bad,
         gate_error=gate_error,
     )

@@ -106,6 +106,7 @@ orders = Table(
 
 #: Every planned message, one row per dedupe key, written *before* the send.
 #: status: planned → sending → sent | failed | skipped | unknown
+#: ``email`` is stored trimmed and lower-cased.
 send_ledger = Table(
     "mf_send_ledger",
     metadata,
@@ -128,6 +129,7 @@ send_ledger = Table(
     Column("sent_at", DateTime, nullable=True),
     Index("ix_mf_send_ledger_trigger_status", "trigger", "status"),
     Index("ix_mf_send_ledger_flow_run_id", "flow_run_id"),
+    Index("ix_mf_send_ledger_email", "email"),
 )
 
 #: Rows that failed validation, per run, with the expectation that failed.

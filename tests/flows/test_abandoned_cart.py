@@ -107,6 +107,15 @@ def test_bad_rows_are_quarantined_and_the_rest_sent(env, sink) -> None:
     assert all(r.flow_run_id == summary.flow_run_id and r.reason for r in q)
     assert "not-an-address" not in {r.email for r in ledger_rows()}
 
+    # The next run meets the same bad rows: known already, so neither recorded twice
+    # nor counted against the gate (3 of 3 rows would otherwise fail it). The second
+    # customer on user0's address is now excluded in SQL: that inbox heard from us.
+    again = abandoned_cart(max_bad_share=0.05)
+    assert again.sent == 0 and again.still_quarantined == 3 and again.quarantined_rows == 0
+    assert again.excluded == {"already_notified": 30, "recently_notified": 1}
+    with get_engine().connect() as conn:
+        assert len(list(conn.execute(select(quarantine)))) == len(q)
+
 
 def test_gate_fails_the_run_when_too_many_rows_are_bad(env, sink) -> None:
     people = shoppers(5) + [Shopper(email=f"bad{i}") for i in range(5)]

@@ -97,6 +97,7 @@ def upgrade() -> None:
             batch_op.f("ix_mf_send_ledger_customer_id"), ["customer_id"], unique=False
         )
         batch_op.create_index("ix_mf_send_ledger_flow_run_id", ["flow_run_id"], unique=False)
+        batch_op.create_index("ix_mf_send_ledger_email", ["email"], unique=False)
         batch_op.create_index(
             "ix_mf_send_ledger_trigger_status", ["trigger", "status"], unique=False
         )
@@ -204,6 +205,7 @@ def downgrade() -> None:
     with op.batch_alter_table("mf_send_ledger", schema=None) as batch_op:
         batch_op.drop_index("ix_mf_send_ledger_trigger_status")
         batch_op.drop_index("ix_mf_send_ledger_flow_run_id")
+        batch_op.drop_index("ix_mf_send_ledger_email")
         batch_op.drop_index(batch_op.f("ix_mf_send_ledger_customer_id"))
 
     op.drop_table("mf_send_ledger")
