@@ -118,6 +118,8 @@ def demo(
     url = f"sqlite:///{db_path}"
     os.environ["MAILFLOW_WAREHOUSE_URL"] = url
     os.environ.setdefault("MAILFLOW_DEMO", "true")
+    # The demo runs offline: no usage telemetry from the temporary Prefect server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     get_settings.cache_clear()
 
     from mailflow.sink.testing import running_sink
@@ -160,7 +162,7 @@ def demo(
     console.print(
         f"- the local SendGrid API accepted {accepted:,} messages "
         f"(first run sent {first.sent:,}, second run {second.sent:,})\n"
-        f"- ledger, one row per message:  sqlite3 {db_path.name and 'data/demo.db'} "
+        "- ledger, one row per message:  sqlite3 data/demo.db "
         '"select status, count(*) from mf_send_ledger group by status"\n'
         "- quarantined rows and why:      sqlite3 data/demo.db "
         '"select expectation, count(*) from mf_quarantine group by 1"\n'
@@ -186,5 +188,16 @@ def run(
     print_summary(trigger, summary)
 
 
+def main() -> None:
+    """Entry point: a MailflowError is printed as its message (it names the fix)."""
+    from mailflow.errors import MailflowError
+
+    try:
+        app()
+    except MailflowError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from mailflow.settings import get_settings  # noqa: E402
 from mailflow.warehouse.engine import dispose_engines  # noqa: E402
