@@ -16,7 +16,7 @@ import pandas as pd
 from sqlalchemy import Connection, String, cast, exists, func, literal, select
 
 from mailflow.triggers.base import ContextDefaults, Trigger
-from mailflow.validation import SUPPORTED_LOCALES, Rule, Suite
+from mailflow.validation import Rule, recipient_suite
 from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
 
 NAME = "abandoned_cart"
@@ -144,17 +144,7 @@ TRIGGER = Trigger(
     kind="marketing",
     candidates=candidates,
     priority=(("cart_updated_at", "desc"), ("cart_id", "desc")),
-    suite=Suite(
-        NAME,
-        (
-            Rule.not_null("email"),
-            Rule.email("email"),
-            Rule.unique("email", normalise="lower"),
-            Rule.length_between("first_name", 1, 100, allow_null=True),
-            Rule.in_set("locale", SUPPORTED_LOCALES),
-            Rule.greater_than("cart_total", 0),
-        ),
-    ),
+    suite=recipient_suite(NAME, extra=(Rule.greater_than("cart_total", 0),)),
     build_contexts=build_contexts,
     variant=variant,
     one_per_customer=True,
