@@ -1,0 +1,33 @@
+"""Settings fail fast on missing or placeholder secrets and never show them."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailflow.errors import ConfigError
+from mailflow.settings import DEMO_API_KEY, Settings
+
+
+def test_demo_mode_uses_the_local_demo_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAILFLOW_SENDGRID_API_KEY", raising=False)
+    assert Settings(demo=True).api_key().get_secret_value() == DEMO_API_KEY
+
+
+def test_production_without_a_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAILFLOW_SENDGRID_API_KEY", raising=False)
+    monkeypatch.delenv("MAILFLOW_SENDGRID_API_KEY_BLOCK", raising=False)
+    with pytest.raises(ConfigError, match="MAILFLOW_SENDGRID_API_KEY"):
+        Settings(demo=False).api_key()
+
+
+@pytest.mark.parametrize("placeholder", ["", "  ", "changeme", "SG.xxx"])
+def test_placeholder_keys_are_refused(placeholder: str) -> None:
+    with pytest.raises(ConfigError, match="placeholder"):
+        Settings(demo=False, sendgrid_api_key=placeholder).api_key()
+
+
+def test_the_key_never_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILFLOW_SENDGRID_API_KEY", "SG.very-secret")
+    settings = Settings(demo=False)
+    assert settings.api_key().get_secret_value() == "SG.very-secret"
+    assert "SG.very-secret" not in repr(settings) and "SG.very-secret" not in str(settings)
