@@ -19,24 +19,21 @@ from tasks.record import RunSummary
     task_runner=ThreadPoolTaskRunner(max_workers=4),
 )
 def abandoned_cart(
-    idle_hours: Annotated[
-        float, Field(gt=0, le=168, description="A cart idle longer than this is abandoned.")
-    ] = 4.0,
-    max_age_days: Annotated[
-        float, Field(gt=0, le=30, description="Carts idle longer than this are left alone.")
-    ] = 7.0,
-    vip_threshold: Annotated[
-        float, Field(ge=0, description="Lifetime value from which the VIP variant is sent.")
-    ] = 1000.0,
-    batch_size: Annotated[
-        int, Field(ge=1, le=1000, description="Messages per send task (one Prefect task each).")
-    ] = 500,
-    max_bad_share: Annotated[
-        float,
-        Field(ge=0, le=1, description="Fail the run when more than this share of rows is bad."),
-    ] = 0.05,
+    idle_hours: Annotated[float, Field(gt=0, le=168)] = 4.0,
+    max_age_days: Annotated[float, Field(gt=0, le=30)] = 7.0,
+    vip_threshold: Annotated[float, Field(ge=0)] = 1000.0,
+    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
+    max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
 ) -> RunSummary:
-    """Find abandoned carts, validate, plan in the ledger, render, send, record."""
+    """Find abandoned carts, validate, plan in the ledger, render, send, record.
+
+    Args:
+        idle_hours: A cart idle longer than this (hours) is abandoned.
+        max_age_days: Carts idle longer than this (days) are left alone.
+        vip_threshold: Lifetime value from which the VIP variant is sent.
+        batch_size: Messages per send task (one Prefect task, retried as a unit).
+        max_bad_share: Fail the run when more than this share of new rows is bad.
+    """
     return run_trigger(
         "abandoned_cart",
         {"idle_hours": idle_hours, "max_age_days": max_age_days, "vip_threshold": vip_threshold},

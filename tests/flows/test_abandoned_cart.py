@@ -200,3 +200,18 @@ def test_template_error_fails_only_that_message(env, sink, tmp_path: Path) -> No
     failed = [r for r in ledger_rows() if r.status == "failed"]
     assert [r.email for r in failed] == ["vip@example.com"]
     assert "coupon_code" in failed[0].reason and "template" in failed[0].reason
+
+
+def test_parameters_render_as_a_typed_form_with_descriptions() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    props = parameter_schema(abandoned_cart.fn).model_dump()["properties"]
+    assert set(props) == {
+        "idle_hours",
+        "max_age_days",
+        "vip_threshold",
+        "batch_size",
+        "max_bad_share",
+    }
+    assert all(p.get("description") for p in props.values())
+    assert props["batch_size"]["type"] == "integer" and props["batch_size"]["maximum"] == 1000
