@@ -161,6 +161,28 @@ suppressions = Table(
     Column("created_at", DateTime, nullable=False),
 )
 
+#: Engagement events from SendGrid's Event Webhook, one row per event (deduplicated:
+#: SendGrid delivers at least once). ``natural_key`` is a hash of (message id, event,
+#: timestamp, email), for duplicates that arrive with another ``sg_event_id``.
+events = Table(
+    "mf_events",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("sg_event_id", String(128), nullable=True, unique=True),
+    Column("natural_key", String(64), nullable=False, unique=True),
+    Column("event", String(32), nullable=False),
+    Column("email", String(320), nullable=True, index=True),
+    Column("occurred_at", DateTime, nullable=False, index=True),
+    Column("sg_message_id", String(128), nullable=True, index=True),
+    Column("ledger_id", Id, nullable=True, index=True),
+    Column("trigger", String(64), nullable=True),
+    Column("url", Text, nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("bounce_type", String(32), nullable=True),
+    Column("raw", JSON, nullable=False),
+    Column("received_at", DateTime, nullable=False),
+)
+
 #: One row per flow run: what it found, excluded, quarantined, sent, failed.
 run_log = Table(
     "mf_runs",
