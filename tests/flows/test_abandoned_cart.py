@@ -215,3 +215,18 @@ def test_parameters_render_as_a_typed_form_with_descriptions() -> None:
     }
     assert all(p.get("description") for p in props.values())
     assert props["batch_size"]["type"] == "integer" and props["batch_size"]["maximum"] == 1000
+
+
+def test_overlapping_runs_send_each_cart_once(env, sink) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sink.set_faults(latency_ms=20)
+    build_shop(get_engine(), shoppers(120))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [pool.submit(abandoned_cart, batch_size=10) for _ in range(2)]
+        summaries = [r.result() for r in runs]
+
+    assert sum(s.sent for s in summaries) == 120
+    rows = ledger_rows()
+    assert len(rows) == 120 and {r.status for r in rows} == {"sent"}
+    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
