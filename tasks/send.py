@@ -11,6 +11,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -52,8 +53,6 @@ def is_aborted(flow_run_id: str | None) -> bool:
 
 @lru_cache(maxsize=4)
 def _renderer(templates_dir: str) -> Renderer:
-    from pathlib import Path
-
     return Renderer(Path(templates_dir))
 
 
