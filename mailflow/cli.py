@@ -173,6 +173,38 @@ def demo(
     )
 
 
+@app.command()
+def webhook(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8040,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Receive SendGrid's signed Event Webhook at POST /webhooks/sendgrid/events.
+
+    The verification key comes from MAILFLOW_WEBHOOK_PUBLIC_KEY; MAILFLOW_WEBHOOK_VERIFY=false
+    turns verification off (local development only, logged loudly).
+    """
+    import uvicorn
+
+    from mailflow.warehouse.engine import make_engine
+    from mailflow.warehouse.migrate import upgrade
+    from mailflow.webhook.app import create_app
+
+    settings = get_settings()
+    url = _url(warehouse)
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        api = create_app(
+            engine=engine,
+            public_key_b64=settings.webhook_public_key,
+            verify=settings.webhook_verify,
+        )
+        uvicorn.run(api, host=host, port=port, log_level="info")
+    finally:
+        engine.dispose()
+
+
 @app.command("run")
 def run(
     trigger: Annotated[str, typer.Argument(help="Trigger to run, e.g. abandoned_cart.")],

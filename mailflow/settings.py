@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         default="https://shop.example.com",
         description="Base URL of the shop, used for links back to carts.",
     )
+    webhook_public_key: str | None = Field(
+        default=None,
+        description="SendGrid's Event Webhook verification key (base64 DER, from its settings).",
+    )
+    webhook_verify: bool = Field(
+        default=True,
+        description="Verify event signatures. Turning this off is for local development only.",
+    )
     templates_dir: Path = TEMPLATES_DIR
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
     http_concurrency: int = Field(

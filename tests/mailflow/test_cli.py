@@ -34,3 +34,69 @@ def test_unknown_seed_profile_is_refused_with_the_choices(tmp_path: Path) -> Non
     result = CliRunner().invoke(app, ["seed", "--profile", "huge", "--warehouse", url])
     assert result.exit_code != 0
     assert "default, bench" in result.output
+
+
+def test_webhook_command_serves_and_stores_signed_events(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import orjson
+
+    from mailflow.warehouse.schema import events
+    from mailflow.webhook.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, generate_keypair, sign
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    private_key, public_b64 = generate_keypair()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MAILFLOW_WEBHOOK_PUBLIC_KEY": public_b64}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailflow.cli", "webhook", "--port", str(port), "--warehouse", url],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "webhook did not start"
+            time.sleep(0.2)
+        body = orjson.dumps(
+            [
+                {
+                    "email": "a@example.com",
+                    "event": "delivered",
+                    "timestamp": int(time.time()),
+                    "sg_event_id": "ev-1",
+                    "sg_message_id": "m-1",
+                    "ledger_id": "7",
+                }
+            ]
+        )
+        ts = str(int(time.time()))
+        headers = {SIGNATURE_HEADER: sign(private_key, ts, body), TIMESTAMP_HEADER: ts}
+        ok = httpx.post(f"{base}/webhooks/sendgrid/events", content=body, headers=headers)
+        assert ok.status_code == 200 and ok.json()["stored"] == 1
+        forged = httpx.post(
+            f"{base}/webhooks/sendgrid/events", content=body + b" ", headers=headers
+        )
+        assert forged.status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        rows = list(conn.execute(select(events.c.event, events.c.ledger_id)))
+    engine.dispose()
+    assert rows == [("delivered", 7)]

@@ -1,0 +1,144 @@
+"""The HTTP service SendGrid posts events to.
+
+``POST /webhooks/sendgrid/events``: size limit → signature → JSON → one committed
+transaction → 200. Anything answered 2xx is already committed, so SendGrid's retry
+(on any non-2xx) is the only redelivery mechanism needed; storage is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mailflow.errors import ConfigError
+from mailflow.webhook import signing
+from mailflow.webhook.ingest import IngestResult, store_events
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/webhooks/sendgrid/events"
+DEFAULT_MAX_BODY_BYTES = 5_000_000
+_VERIFY_OFF = (
+    "SendGrid webhook signature verification is OFF: anyone can post events and create "
+    "suppressions. Development only; set %s to enable it."
+)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    # Content-Length can be absent (chunked) or wrong, so count while reading too.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def create_app(
+    *,
+    engine: Engine,
+    public_key_b64: str | None,
+    verify: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tolerance_s: int = signing.DEFAULT_TOLERANCE_S,
+) -> Starlette:
+    """The webhook app, writing to ``engine``.
+
+    Raises:
+        ConfigError: ``verify`` is on and the public key is missing or unusable.
+    """
+    public_key = None
+    if verify:
+        if not public_key_b64:
+            raise ConfigError(
+                f"{signing.PUBLIC_KEY_SETTING} is not set; paste SendGrid's Signed Event "
+                "Webhook verification key, or turn verification off for local development"
+            )
+        public_key = signing.load_public_key(public_key_b64)
+    else:
+        log.warning(_VERIFY_OFF, signing.PUBLIC_KEY_SETTING)
+
+    def store(events: list[dict[str, Any]]) -> IngestResult:
+        # engine.begin() commits on exit, before the handler can answer 200.
+        with engine.begin() as conn:
+            return store_events(conn, events)
+
+    async def receive_events(request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return _error(400, "bad_request", "malformed Content-Length")
+            if int(declared) > max_body_bytes:
+                return _error(413, "too_large", f"body over {max_body_bytes} bytes")
+        try:
+            body = await _read_body(request, max_body_bytes)
+        except _BodyTooLarge:
+            return _error(413, "too_large", f"body over {max_body_bytes} bytes")
+
+        if public_key is None:
+            log.warning(_VERIFY_OFF, signing.PUBLIC_KEY_SETTING)
+        else:
+            try:
+                signing.verify(
+                    public_key,
+                    signature_b64=request.headers.get(signing.SIGNATURE_HEADER),
+                    timestamp=request.headers.get(signing.TIMESTAMP_HEADER),
+                    body=body,
+                    tolerance_s=tolerance_s,
+                )
+            except signing.SignatureError as exc:
+                log.warning("rejected webhook request: %s", exc)
+                return _error(403, "forbidden", str(exc))
+
+        try:
+            events = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "bad_request", "body is not valid JSON")
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            return _error(400, "bad_request", "body must be a JSON array of event objects")
+
+        try:
+            result = await run_in_threadpool(store, events)
+        except SQLAlchemyError:
+            # Not acknowledged, so SendGrid retries; nothing is lost.
+            log.exception("could not store %d webhook events", len(events))
+            return _error(503, "unavailable", "could not store events; retry later")
+        log.info(
+            "webhook batch: received=%d stored=%d duplicates=%d suppressed=%d",
+            result.received,
+            result.stored,
+            result.duplicates,
+            result.suppressed,
+        )
+        return JSONResponse(
+            {"received": result.received, "stored": result.stored, "duplicates": result.duplicates}
+        )
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "verify": verify})
+
+    return Starlette(
+        routes=[
+            Route(EVENTS_PATH, receive_events, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )

@@ -1,0 +1,194 @@
+"""Store SendGrid Event Webhook events and derive suppressions from them.
+
+SendGrid delivers at least once, sometimes re-sending an event with a new
+``sg_event_id``; each event is therefore stored once by ``sg_event_id`` *and* by a
+natural key (message id, event, timestamp, email). Suppression effects are applied
+only for events stored by this call, so a late redelivery of an old
+``group_unsubscribe`` cannot undo a later ``group_resubscribe``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete
+
+from mailflow.ledger import insert_ignoring_conflicts, utcnow
+from mailflow.warehouse.schema import events as events_table
+from mailflow.warehouse.schema import suppressions
+
+EVENT_TYPES = frozenset(
+    {
+        "processed",
+        "dropped",
+        "delivered",
+        "deferred",
+        "bounce",
+        "open",
+        "click",
+        "spamreport",
+        "unsubscribe",
+        "group_unsubscribe",
+        "group_resubscribe",
+    }
+)
+
+#: Events after which the address must never be emailed again (bounce/dropped: see below).
+_SUPPRESSING = frozenset({"spamreport", "unsubscribe", "group_unsubscribe"})
+# SendGrid drop reasons that say the address itself is bad ("Invalid", "Bounced
+# Address"), not e.g. "Invalid SMTPAPI header", which is our request's fault.
+_BAD_ADDRESS_DROP = re.compile(r"^\s*invalid\s*$|invalid (email )?address|bounced address", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one webhook batch did."""
+
+    received: int
+    stored: int
+    duplicates: int
+    suppressed: int
+
+
+def _text(value: Any, limit: int) -> str | None:
+    # Never reject an event over a field's shape: coerce and clip to the column size.
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    return text[:limit] if text else None
+
+
+def _unix_seconds(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _occurred_at(ts: int | None, fallback: datetime) -> datetime:
+    if ts is None:
+        return fallback
+    try:
+        return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)
+    except (OverflowError, OSError, ValueError):
+        return fallback
+
+
+def _ledger_id(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def natural_key(sg_message_id: str | None, event: str, ts: int | None, email: str | None) -> str:
+    """sha256 hex of (message id, event, timestamp, email), the fallback dedupe key."""
+    parts = (sg_message_id or "", event, "" if ts is None else str(ts), email or "")
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def normalise(raw: Mapping[str, Any], received_at: datetime) -> dict[str, Any]:
+    """One ``mf_events`` row from one event as SendGrid sent it (pure)."""
+    event = _text(raw.get("event"), 32) or "unknown"
+    email = _text(raw.get("email"), 320)
+    email = email.lower() if email else None
+    ts = _unix_seconds(raw.get("timestamp"))
+    sg_message_id = _text(raw.get("sg_message_id"), 128)
+    return {
+        "sg_event_id": _text(raw.get("sg_event_id"), 128),
+        "natural_key": natural_key(sg_message_id, event, ts, email),
+        "event": event,
+        "email": email,
+        # A missing timestamp should not lose the event; the receipt time is the best bound.
+        "occurred_at": _occurred_at(ts, received_at),
+        "sg_message_id": sg_message_id,
+        "ledger_id": _ledger_id(raw.get("ledger_id")),
+        "trigger": _text(raw.get("trigger"), 64),
+        "url": _text(raw.get("url"), 100_000) if event == "click" else None,
+        "reason": _text(raw.get("reason"), 100_000),
+        "bounce_type": _text(raw.get("type"), 32) if event == "bounce" else None,
+        "raw": dict(raw),
+        "received_at": received_at,
+    }
+
+
+def suppression_reason(row: Mapping[str, Any]) -> str | None:
+    """The suppression reason this stored event implies, or None."""
+    event = row["event"]
+    if event == "bounce":
+        # "blocked" is a temporary/IP-level refusal, not a dead address.
+        return None if (row["bounce_type"] or "").lower() == "blocked" else "bounce"
+    if event == "dropped":
+        return "dropped" if _BAD_ADDRESS_DROP.search(row["reason"] or "") else None
+    return event if event in _SUPPRESSING else None
+
+
+def store_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> IngestResult:
+    """Store ``events`` once each and apply their suppression effects, in ``conn``'s transaction.
+
+    The caller owns the transaction: commit before acknowledging the webhook.
+    """
+    if not events:
+        return IngestResult(received=0, stored=0, duplicates=0, suppressed=0)
+    now = utcnow()
+    rows = [normalise(e, now) for e in events]
+    # One executemany; RETURNING reports exactly the rows that were new, even with
+    # another writer committing concurrently (a before/after count would not).
+    stmt = insert_ignoring_conflicts(conn, events_table).returning(events_table.c.natural_key)
+    stored_keys = set(conn.execute(stmt, rows).scalars())
+    new_rows = sorted(
+        (r for r in rows if r["natural_key"] in stored_keys), key=lambda r: r["occurred_at"]
+    )
+    # Within the batch a key is stored once; keep the first row seen for it.
+    seen: set[str] = set()
+    fresh = []
+    for r in new_rows:
+        if r["natural_key"] not in seen:
+            seen.add(r["natural_key"])
+            fresh.append(r)
+    suppressed = _apply_suppressions(conn, fresh, now)
+    return IngestResult(
+        received=len(rows),
+        stored=len(stored_keys),
+        duplicates=len(rows) - len(stored_keys),
+        suppressed=suppressed,
+    )
+
+
+def _apply_suppressions(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> int:
+    """Apply suppress / resubscribe effects in event-time order; return rows added."""
+    added = 0
+    for row in rows:
+        email = row["email"]
+        if not email:
+            continue
+        if row["event"] == "group_resubscribe":
+            # mf_suppressions has no ASM group column: a resubscribe lifts only a
+            # suppression that came from a group unsubscribe, never a bounce or complaint.
+            conn.execute(
+                delete(suppressions).where(
+                    and_(
+                        suppressions.c.email == email, suppressions.c.reason == "group_unsubscribe"
+                    )
+                )
+            )
+            continue
+        reason = suppression_reason(row)
+        if reason is None:
+            continue
+        source = f"event:{row['sg_event_id'] or row['natural_key']}"[:255]
+        stmt = insert_ignoring_conflicts(conn, suppressions).returning(suppressions.c.id)
+        result = conn.execute(
+            stmt, {"email": email, "reason": reason, "source": source, "created_at": now}
+        )
+        added += len(result.all())
+    return added
