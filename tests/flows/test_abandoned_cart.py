@@ -230,3 +230,20 @@ def test_overlapping_runs_send_each_cart_once(env, sink) -> None:
     rows = ledger_rows()
     assert len(rows) == 120 and {r.status for r in rows} == {"sent"}
     assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+
+
+def test_suppressed_addresses_are_excluded_in_sql(env, sink) -> None:
+    from mailflow.ledger import utcnow
+    from mailflow.warehouse.schema import suppressions
+
+    build_shop(get_engine(), shoppers(4) + [Shopper(email="  Bounced@Example.com ")])
+    with get_engine().begin() as conn:
+        conn.execute(
+            suppressions.insert().values(
+                email="bounced@example.com", reason="bounce", source="test", created_at=utcnow()
+            )
+        )
+    summary = abandoned_cart()
+    assert summary.sent == 4
+    assert summary.excluded == {"suppressed": 1}
+    assert "bounced@example.com" not in {r.email for r in ledger_rows()}
