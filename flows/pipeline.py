@@ -17,7 +17,7 @@ from mailflow.triggers import get_trigger
 from tasks.extract import extract_recipients
 from tasks.plan import plan_messages
 from tasks.record import RunSummary, record_summary
-from tasks.send import forget_abort, get_renderer, send_batch
+from tasks.send import forget_abort, get_renderer, send_batch, unsubscribe_settings
 from tasks.validate import validate_recipients
 
 
@@ -42,6 +42,7 @@ def run_trigger(
     # Fail fast, before anything is planned: a missing key or a broken template
     # would otherwise turn every message of the run into a failure.
     get_settings().api_key()
+    unsubscribe_settings(trigger)
     get_renderer().check(trigger.template)
 
     summary = RunSummary(trigger=trigger_name, flow_run_id=run_id)

@@ -199,6 +199,7 @@ def webhook(
             engine=engine,
             public_key_b64=settings.webhook_public_key,
             verify=settings.webhook_verify,
+            unsubscribe_key=settings.unsubscribe_key(),
         )
         uvicorn.run(api, host=host, port=port, log_level="info")
     finally:

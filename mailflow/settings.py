@@ -22,6 +22,9 @@ TEMPLATES_DIR = PROJECT_ROOT / "templates"
 #: secret: it only ever opens the local stand-in, never the real service.
 DEMO_API_KEY = "SG.local-demo-key"
 
+#: Signs unsubscribe links in demo mode only; production requires its own secret.
+DEMO_UNSUBSCRIBE_SECRET = "local-demo-unsubscribe-secret"
+
 _PLACEHOLDERS = {"", "changeme", "change-me", "your-api-key", "SG.xxx", "xxx"}
 
 
@@ -67,6 +70,13 @@ class Settings(BaseSettings):
     webhook_verify: bool = Field(
         default=True,
         description="Verify event signatures. Turning this off is for local development only.",
+    )
+    unsubscribe_base_url: str = Field(
+        default="http://127.0.0.1:8040",
+        description="Public base URL of `mailflow webhook`, where one-click unsubscribes land.",
+    )
+    unsubscribe_secret: SecretStr | None = Field(
+        default=None, description="HMAC key signing unsubscribe tokens (32+ random bytes)."
     )
     templates_dir: Path = TEMPLATES_DIR
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
@@ -120,6 +130,28 @@ class Settings(BaseSettings):
         raise ConfigError(
             "No SendGrid API key: set MAILFLOW_SENDGRID_API_KEY, or "
             "MAILFLOW_SENDGRID_API_KEY_BLOCK to the name of a Prefect Secret block."
+        )
+
+    def unsubscribe_key(self) -> SecretStr:
+        """The key that signs unsubscribe tokens.
+
+        Raises:
+            ConfigError: missing or too short outside demo mode.
+        """
+        if self.unsubscribe_secret is not None:
+            key = self.unsubscribe_secret.get_secret_value().strip()
+            if len(key) < 16 or key in _PLACEHOLDERS:
+                raise ConfigError(
+                    "MAILFLOW_UNSUBSCRIBE_SECRET is too short or a placeholder; set it to 32+ "
+                    "random characters (e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`)."
+                )
+            return SecretStr(key)
+        if self.demo:
+            return SecretStr(DEMO_UNSUBSCRIBE_SECRET)
+        raise ConfigError(
+            "No unsubscribe signing key: set MAILFLOW_UNSUBSCRIBE_SECRET to 32+ random "
+            "characters (the same value for the flows and `mailflow webhook`)."
         )
 
 

@@ -18,6 +18,7 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
+from pydantic import SecretStr
 
 from mailflow import ledger
 from mailflow.errors import FatalRunError, TemplateError, TransientError
@@ -25,7 +26,8 @@ from mailflow.mailer.base import OutboundMessage, Outcome, SendResult
 from mailflow.mailer.sendgrid import FatalSendError, SendGridMailer
 from mailflow.render import Renderer
 from mailflow.settings import get_settings
-from mailflow.triggers import get_trigger
+from mailflow.triggers import Trigger, get_trigger
+from mailflow.unsubscribe import list_unsubscribe_headers, unsubscribe_url
 from mailflow.warehouse.engine import get_engine
 
 # Flow runs that hit a fatal error: their remaining batches must not start. Batches
@@ -77,12 +79,29 @@ class BatchReport:
 
 
 def build_message(
-    claimed: ledger.ClaimedMessage, trigger_name: str, template: str, renderer: Renderer
+    claimed: ledger.ClaimedMessage,
+    trigger: Trigger,
+    renderer: Renderer,
+    *,
+    unsubscribe: tuple[str, SecretStr] | None,
 ) -> OutboundMessage:
-    """Render one claimed ledger row into a message (raises ``TemplateError``)."""
+    """Render one claimed ledger row into a message (raises ``TemplateError``).
+
+    ``unsubscribe`` is ``(base_url, signing key)`` for marketing messages: they carry
+    RFC 8058 one-click headers and the same link in the footer. The link needs the
+    ledger id, so it is added here rather than stored with the planned context.
+    """
     ctx = claimed.context
+    headers: dict[str, str] = {}
+    if unsubscribe is not None:
+        url = unsubscribe_url(unsubscribe[0], unsubscribe[1], claimed.id)
+        ctx = {**ctx, "links": {**ctx.get("links", {}), "unsubscribe": url}}
+        headers = list_unsubscribe_headers(url)
     rendered = renderer.render(
-        template, ctx, locale=ctx.get("customer", {}).get("locale"), variant=claimed.variant
+        trigger.template,
+        ctx,
+        locale=ctx.get("customer", {}).get("locale"),
+        variant=claimed.variant,
     )
     customer = ctx.get("customer", {})
     return OutboundMessage(
@@ -92,10 +111,19 @@ def build_message(
         subject=rendered.subject,
         html=rendered.html,
         text=rendered.text,
-        categories=(trigger_name,),
+        categories=(trigger.name,),
         # Comes back on every engagement event: links the event to this ledger row.
-        custom_args={"ledger_id": str(claimed.id), "trigger": trigger_name},
+        custom_args={"ledger_id": str(claimed.id), "trigger": trigger.name},
+        headers=headers,
     )
+
+
+def unsubscribe_settings(trigger: Trigger) -> tuple[str, SecretStr] | None:
+    """Where one-click unsubscribes go and the key that signs them (marketing only)."""
+    if trigger.kind != "marketing":
+        return None
+    s = get_settings()
+    return s.unsubscribe_base_url, s.unsubscribe_key()
 
 
 def make_mailer() -> SendGridMailer:
@@ -136,7 +164,9 @@ async def send_batch(
     if is_aborted(flow_run_id):
         return BatchReport()
     trigger = get_trigger(trigger_name)
-    mailer = make_mailer()  # a configuration error stops here, before anything is claimed
+    # A configuration error stops here, before anything is claimed.
+    mailer = make_mailer()
+    unsub = unsubscribe_settings(trigger)
     engine = get_engine()
     with engine.begin() as conn:
         claimed = ledger.claim(conn, ledger_ids, flow_run_id=flow_run_id)
@@ -148,7 +178,7 @@ async def send_batch(
     messages: list[OutboundMessage] = []
     for c in claimed:
         try:
-            messages.append(build_message(c, trigger_name, trigger.template, renderer))
+            messages.append(build_message(c, trigger, renderer, unsubscribe=unsub))
         except TemplateError as exc:
             results.append(SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0))
 

@@ -12,6 +12,17 @@ import pytest
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import warnings  # noqa: E402
+
+from starlette.exceptions import StarletteDeprecationWarning  # noqa: E402
+
+# Starlette's TestClient announces httpx as deprecated (in favour of httpx2) once, at
+# import; the lock pins httpx. Import it here first so that notice, and only it, is
+# silenced for every test module; everything else stays an error.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    import starlette.testclient  # noqa: E402, F401
+
 from mailflow.settings import get_settings  # noqa: E402
 from mailflow.warehouse.engine import dispose_engines  # noqa: E402
 from mailflow.warehouse.migrate import upgrade  # noqa: E402

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
-from sqlalchemy import Engine
+from pydantic import SecretStr
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from mailflow.errors import ConfigError
+from mailflow.ledger import insert_ignoring_conflicts, utcnow
+from mailflow.unsubscribe import InvalidToken, read_token
+from mailflow.warehouse.schema import send_ledger, suppressions
 from mailflow.webhook import signing
 from mailflow.webhook.ingest import IngestResult, store_events
 
@@ -60,6 +65,7 @@ def create_app(
     verify: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     tolerance_s: int = signing.DEFAULT_TOLERANCE_S,
+    unsubscribe_key: SecretStr | None = None,
 ) -> Starlette:
     """The webhook app, writing to ``engine``.
 
@@ -136,9 +142,80 @@ def create_app(
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "verify": verify})
 
-    return Starlette(
-        routes=[
-            Route(EVENTS_PATH, receive_events, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ]
-    )
+    routes = [
+        Route(EVENTS_PATH, receive_events, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    if unsubscribe_key is not None:
+        routes += unsubscribe_routes(engine, unsubscribe_key)
+    return Starlette(routes=routes)
+
+
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem}}
+button{{font-size:1rem;padding:.6rem 1.2rem}}</style></head><body>{body}</body></html>"""
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(_PAGE.format(title=title, body=body), status_code=status)
+
+
+def unsubscribe_routes(engine: Engine, key: SecretStr) -> list[Route]:
+    """``GET /u/{token}`` shows a confirmation page and changes nothing (link scanners
+    follow GETs); ``POST /u/{token}`` with ``List-Unsubscribe=One-Click`` (RFC 8058), or
+    the page's button, suppresses the address and answers 200 without a redirect."""
+
+    def address_of(token: str) -> tuple[int, str] | None:
+        try:
+            ledger_id = read_token(key, token)
+        except InvalidToken:
+            return None
+        with engine.connect() as conn:
+            email = conn.execute(
+                select(send_ledger.c.email).where(send_ledger.c.id == ledger_id)
+            ).scalar_one_or_none()
+        return None if email is None else (ledger_id, email)
+
+    def suppress(ledger_id: int, email: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                insert_ignoring_conflicts(conn, suppressions),
+                {
+                    "email": email.strip().lower(),
+                    "reason": "unsubscribe",
+                    "source": f"one-click:{ledger_id}",
+                    "created_at": utcnow(),
+                },
+            )
+
+    async def show(request: Request) -> Response:
+        found = await run_in_threadpool(address_of, request.path_params["token"])
+        if found is None:
+            return _page("Link not valid", "<p>This unsubscribe link is not valid.</p>", 400)
+        return _page(
+            "Unsubscribe",
+            "<h1>Unsubscribe?</h1><p>You will no longer receive these emails.</p>"
+            '<form method="post"><input type="hidden" name="List-Unsubscribe" '
+            'value="One-Click"><button type="submit">Unsubscribe</button></form>',
+        )
+
+    async def one_click(request: Request) -> Response:
+        found = await run_in_threadpool(address_of, request.path_params["token"])
+        if found is None:
+            return _page("Link not valid", "<p>This unsubscribe link is not valid.</p>", 400)
+        # A tiny urlencoded body; parse_qs avoids a multipart dependency for one field.
+        form = parse_qs((await request.body())[:2048].decode("utf-8", "replace"))
+        if form.get("List-Unsubscribe") != ["One-Click"]:
+            return _page(
+                "Unsubscribe",
+                "<p>Expected the form field List-Unsubscribe=One-Click.</p>",
+                400,
+            )
+        await run_in_threadpool(suppress, *found)
+        return _page("Unsubscribed", "<h1>You are unsubscribed.</h1>")
+
+    return [
+        Route("/u/{token}", show, methods=["GET"]),
+        Route("/u/{token}", one_click, methods=["POST"]),
+    ]

@@ -14,6 +14,7 @@ from flows.abandoned_cart import abandoned_cart
 from mailflow.errors import DataQualityError, FatalRunError
 from mailflow.settings import TEMPLATES_DIR, get_settings
 from mailflow.sink.validation import validate_mail_send
+from mailflow.unsubscribe import unsubscribe_url
 from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import TERMINAL_STATES, quarantine, send_ledger
 from tests.shop import Shopper, build_shop
@@ -70,6 +71,16 @@ def test_happy_path_sends_each_eligible_cart_once_with_valid_payloads(env, sink)
         assert payload["content"][0]["type"] == "text/plain"
         cart_url = f"{get_settings().public_base_url}/cart/"
         assert cart_url in payload["content"][1]["value"]
+        # RFC 8058 one-click unsubscribe, and the same link visible in both parts.
+        ledger_id = int(payload["personalizations"][0]["custom_args"]["ledger_id"])
+        link = unsubscribe_url(
+            get_settings().unsubscribe_base_url, get_settings().unsubscribe_key(), ledger_id
+        )
+        assert payload["headers"] == {
+            "List-Unsubscribe": f"<{link}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
+        assert link in payload["content"][0]["value"] and link in payload["content"][1]["value"]
 
 
 def test_second_run_sends_nothing_new(env, sink) -> None:
