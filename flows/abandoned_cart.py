@@ -24,6 +24,7 @@ def abandoned_cart(
     vip_threshold: Annotated[float, Field(ge=0)] = 1000.0,
     batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
     max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
+    override_guardrail: bool = False,
 ) -> RunSummary:
     """Find abandoned carts, validate, plan in the ledger, render, send, record.
 
@@ -33,10 +34,12 @@ def abandoned_cart(
         vip_threshold: Lifetime value from which the VIP variant is sent.
         batch_size: Messages per send task (one Prefect task, retried as a unit).
         max_bad_share: Fail the run when more than this share of new rows is bad.
+        override_guardrail: Send even though recent bounce or complaint rates are too high.
     """
     return run_trigger(
         "abandoned_cart",
         {"idle_hours": idle_hours, "max_age_days": max_age_days, "vip_threshold": vip_threshold},
         batch_size=batch_size,
         max_bad_share=max_bad_share,
+        override_guardrail=override_guardrail,
     )

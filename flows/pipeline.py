@@ -15,6 +15,7 @@ from mailflow.ledger import utcnow
 from mailflow.settings import get_settings
 from mailflow.triggers import get_trigger
 from tasks.extract import extract_recipients
+from tasks.guardrail import check_deliverability
 from tasks.plan import plan_messages
 from tasks.record import RunSummary, record_summary
 from tasks.send import forget_abort, get_renderer, send_batch, unsubscribe_settings
@@ -27,6 +28,7 @@ def run_trigger(
     *,
     batch_size: int,
     max_bad_share: float,
+    override_guardrail: bool = False,
 ) -> RunSummary:
     """Run ``trigger_name`` once and return its summary.
 
@@ -43,6 +45,10 @@ def run_trigger(
     # would otherwise turn every message of the run into a failure.
     get_settings().api_key()
     unsubscribe_settings(trigger)
+    if override_guardrail:
+        logger.warning("deliverability guardrail overridden for this run")
+    else:
+        check_deliverability(started)
     get_renderer().check(trigger.template)
 
     summary = RunSummary(trigger=trigger_name, flow_run_id=run_id)

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     unsubscribe_secret: SecretStr | None = Field(
         default=None, description="HMAC key signing unsubscribe tokens (32+ random bytes)."
     )
+    guardrail_window_days: float = Field(default=7.0, gt=0, le=90)
+    guardrail_max_bounce_rate: float = Field(default=0.04, ge=0, le=1)
+    guardrail_max_complaint_rate: float = Field(
+        default=0.003, ge=0, le=1, description="Mailbox providers want complaints below 0.3 %."
+    )
+    guardrail_min_sent: int = Field(
+        default=1000, ge=0, description="Below this many recent sends the rates are not judged."
+    )
     templates_dir: Path = TEMPLATES_DIR
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
     http_concurrency: int = Field(

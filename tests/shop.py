@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, func, insert, select
 
 from mailflow.ledger import utcnow
 from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
@@ -26,27 +26,31 @@ class Shopper:
     ordered: bool = False
 
 
-def build_shop(engine: Engine, shoppers: list[Shopper]) -> dict[str, int]:
-    """Insert products, the shoppers and their carts; returns cart id by email."""
+def build_shop(engine: Engine, shoppers: list[Shopper], *, first_id: int = 1) -> dict[str, int]:
+    """Insert the shoppers and their carts (and the products, the first time).
+
+    Customer and cart ids start at ``first_id``, so a test can add shoppers later.
+    Returns the cart id by email.
+    """
     now = utcnow()
     cart_of: dict[str, int] = {}
     with engine.begin() as conn:
-        conn.execute(
-            insert(products),
-            [
-                {
-                    "id": i,
-                    "sku": f"SKU-{i}",
-                    "name": f"Product {i}",
-                    "category": "test",
-                    "price": Decimal("19.90"),
-                    "image_url": f"https://shop.example.com/img/{i}.jpg",
-                }
-                for i in range(1, 4)
-            ],
-        )
-        item_id = 1
-        for n, s in enumerate(shoppers, 1):
+        if conn.execute(select(func.count()).select_from(products)).scalar_one() == 0:
+            conn.execute(
+                insert(products),
+                [
+                    {
+                        "id": i,
+                        "sku": f"SKU-{i}",
+                        "name": f"Product {i}",
+                        "category": "test",
+                        "price": Decimal("19.90"),
+                        "image_url": f"https://shop.example.com/img/{i}.jpg",
+                    }
+                    for i in range(1, 4)
+                ],
+            )
+        for n, s in enumerate(shoppers, first_id):
             conn.execute(
                 insert(customers).values(
                     id=n,
@@ -65,14 +69,12 @@ def build_shop(engine: Engine, shoppers: list[Shopper]) -> dict[str, int]:
             for product_id, qty, price in s.items:
                 conn.execute(
                     insert(cart_items).values(
-                        id=item_id,
                         cart_id=n,
                         product_id=product_id,
                         quantity=qty,
                         unit_price=Decimal(price),
                     )
                 )
-                item_id += 1
             if s.ordered:
                 conn.execute(
                     insert(orders).values(

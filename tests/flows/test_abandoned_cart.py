@@ -223,6 +223,7 @@ def test_parameters_render_as_a_typed_form_with_descriptions() -> None:
         "vip_threshold",
         "batch_size",
         "max_bad_share",
+        "override_guardrail",
     }
     assert all(p.get("description") for p in props.values())
     assert props["batch_size"]["type"] == "integer" and props["batch_size"]["maximum"] == 1000
@@ -258,3 +259,34 @@ def test_suppressed_addresses_are_excluded_in_sql(env, sink) -> None:
     assert summary.sent == 4
     assert summary.excluded == {"suppressed": 1}
     assert "bounced@example.com" not in {r.email for r in ledger_rows()}
+
+
+def test_guardrail_refuses_to_send_while_complaints_run_high(env, sink) -> None:
+    from mailflow.guardrail import GuardrailTripped
+    from mailflow.ledger import utcnow
+    from mailflow.warehouse.schema import events
+
+    env.setenv("MAILFLOW_GUARDRAIL_MIN_SENT", "5")
+    get_settings.cache_clear()
+    first = shoppers(10)
+    build_shop(get_engine(), first)
+    assert abandoned_cart().sent == 10
+    # One spam report among 10 recent sends: 10 %, far above the 0.3 % limit.
+    with get_engine().begin() as conn:
+        conn.execute(
+            events.insert().values(
+                natural_key="k1",
+                event="spamreport",
+                email="user1@example.com",
+                occurred_at=utcnow(),
+                raw={},
+                received_at=utcnow(),
+            )
+        )
+    build_shop(
+        get_engine(), [Shopper(email=f"later{i}@example.com") for i in range(3)], first_id=100
+    )
+    with pytest.raises(GuardrailTripped, match="complaint rate 10.00%"):
+        abandoned_cart()
+    assert len(sink.messages()) == 10
+    assert abandoned_cart(override_guardrail=True).sent == 3
