@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from mailflow.errors import ConfigError
 from mailflow.sink.config import SinkConfig
+from mailflow.sink.events import EventEmitter
 from mailflow.sink.faults import FaultState, Verdict
 from mailflow.sink.store import AcceptHook, MessageStore, record_from_payload
 from mailflow.sink.validation import validate_mail_send
@@ -86,6 +87,11 @@ class SinkState:
         self._forbidden = {key.encode() for key in config.forbidden_keys}
         self._pauses: set[asyncio.Future[None]] = set()
         self._stopping = False
+        #: Posts engagement events to ``config.webhook_url`` (None when it is not set).
+        self.events: EventEmitter | None = None
+        if config.webhook_url:
+            self.events = EventEmitter(config)
+            self.add_accept_hook(self.events.on_accept)
 
     def add_accept_hook(self, hook: AcceptHook) -> None:
         """Run ``hook(record)`` after each accepted message (the future event webhook)."""
@@ -123,9 +129,14 @@ class SinkState:
         for future in list(self._pauses):
             _resolve(future)
 
+    async def aclose(self) -> None:
+        """Flush pending webhook events (bounded time); the server calls it at shutdown."""
+        if self.events is not None:
+            await self.events.aclose()
+
     def stats(self) -> dict[str, Any]:
         """Counters for ``GET /_sink/stats``."""
-        return {
+        data = {
             "accepted": self.store.accepted,
             "rejected": {str(code): n for code, n in sorted(self.rejected.items())},
             "dropped": self.dropped,
@@ -134,6 +145,9 @@ class SinkState:
             "stored": len(self.store),
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
+        if self.events is not None:
+            data["events"] = self.events.stats()
+        return data
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -403,6 +417,13 @@ async def _faults(request: Request) -> Response:
     return _json(faults.snapshot())
 
 
+async def _webhook_key(request: Request) -> Response:
+    events = sink_state(request.app).events
+    if events is None:
+        raise _BadRequest("No webhook_url is configured, so no events are signed.")
+    return _json({"public_key": events.public_key_b64, "webhook_url": events.url})
+
+
 async def _healthz(request: Request) -> Response:
     return _json({"status": "ok"})
 
@@ -455,6 +476,7 @@ def create_app(config: SinkConfig | None = None) -> Starlette:
         Route("/_sink/messages/{message_id}", _get_message, methods=["GET"]),
         Route("/_sink/stats", _stats, methods=["GET"]),
         Route("/_sink/faults", _faults, methods=["GET", "POST", "DELETE"]),
+        Route("/_sink/webhook-key", _webhook_key, methods=["GET"]),
     ]
     app = _SinkApp(
         mail_send,

@@ -8,6 +8,7 @@ commands talk to a running one over HTTP (``--url``, default
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -66,6 +67,27 @@ FailRecipients = Annotated[
     str | None,
     typer.Option(help="Per-recipient answers as JSON, e.g. '{\"bad@example.com\": 400}'."),
 ]
+WebhookUrl = Annotated[
+    str | None,
+    typer.Option(help="Post signed engagement events here, like SendGrid's Event Webhook."),
+]
+WebhookKey = Annotated[
+    Path | None,
+    typer.Option(
+        "--webhook-private-key",
+        help="PEM file of the P-256 signing key (default: a new key pair; its public "
+        "half at GET /_sink/webhook-key).",
+    ),
+]
+OpenRate = Annotated[float, typer.Option(help="Share of delivered messages opened.")]
+ClickRate = Annotated[float, typer.Option(help="Share of opens that click.")]
+UnsubscribeRate = Annotated[float, typer.Option(help="Share of deliveries that unsubscribe.")]
+SpamRate = Annotated[float, typer.Option(help="Share of deliveries reported as spam.")]
+BounceRate = Annotated[float, typer.Option(help="Share of recipients that bounce.")]
+DuplicateRate = Annotated[float, typer.Option(help="Share of event batches posted twice.")]
+EventBatchSize = Annotated[int, typer.Option(help="Most events per webhook post.")]
+EventFlushMs = Annotated[float, typer.Option(help="Longest wait to fill an event batch, ms.")]
+EventsSeed = Annotated[int | None, typer.Option(help="Seed of the event-outcome RNG.")]
 
 
 def _json_option(name: str, raw: str | None) -> Any:
@@ -87,8 +109,17 @@ def _serve(**options: Any) -> None:
         value = _json_option(f"--{name.replace('_', '-')}", options.pop(name))
         if value is not None:
             options[name] = value
-    if options["seed"] is None:
-        del options["seed"]
+    for name in ("seed", "events_seed", "webhook_url"):
+        if options[name] is None:
+            del options[name]
+    key_file = options.pop("webhook_private_key")
+    if key_file is not None:
+        try:
+            options["webhook_private_key"] = key_file.read_text()
+        except OSError as exc:
+            raise typer.BadParameter(
+                f"cannot read {key_file} ({exc.strerror})", param_hint="--webhook-private-key"
+            ) from None
     try:
         config = SinkConfig.build(**options)
     except ConfigError as exc:
@@ -98,6 +129,11 @@ def _serve(**options: Any) -> None:
         f"Local SendGrid API on [bold]http://{host}:{port}[/bold] "
         f"(POST /v3/mail/send with {keys}); Ctrl+C to stop."
     )
+    if config.webhook_url:
+        _console.print(
+            f"Events to [bold]{config.webhook_url}[/bold]; verification key at "
+            f"http://{host}:{port}/_sink/webhook-key."
+        )
     serve(config, host, port)
 
 
@@ -122,6 +158,17 @@ def main(
     validate: Validate = True,
     script: Script = None,
     fail_recipients: FailRecipients = None,
+    webhook_url: WebhookUrl = None,
+    webhook_private_key: WebhookKey = None,
+    open_rate: OpenRate = 0.4,
+    click_rate: ClickRate = 0.15,
+    unsubscribe_rate: UnsubscribeRate = 0.01,
+    spam_rate: SpamRate = 0.002,
+    bounce_rate: BounceRate = 0.01,
+    duplicate_rate: DuplicateRate = 0.0,
+    event_batch_size: EventBatchSize = 500,
+    event_flush_ms: EventFlushMs = 200.0,
+    events_seed: EventsSeed = None,
 ) -> None:
     """Without a command: serve (same options as ``serve``)."""
     options = dict(locals())  # before anything else is bound
@@ -150,6 +197,17 @@ def serve(
     validate: Validate = True,
     script: Script = None,
     fail_recipients: FailRecipients = None,
+    webhook_url: WebhookUrl = None,
+    webhook_private_key: WebhookKey = None,
+    open_rate: OpenRate = 0.4,
+    click_rate: ClickRate = 0.15,
+    unsubscribe_rate: UnsubscribeRate = 0.01,
+    spam_rate: SpamRate = 0.002,
+    bounce_rate: BounceRate = 0.01,
+    duplicate_rate: DuplicateRate = 0.0,
+    event_batch_size: EventBatchSize = 500,
+    event_flush_ms: EventFlushMs = 200.0,
+    events_seed: EventsSeed = None,
 ) -> None:
     """Run the local SendGrid API until Ctrl+C."""
     _serve(**locals())

@@ -175,6 +175,16 @@ def _check_fault(name: str, value: object) -> Any:
     raise AssertionError(name)  # pragma: no cover - guarded by FAULT_FIELDS
 
 
+_EVENT_RATES = (
+    "open_rate",
+    "click_rate",
+    "unsubscribe_rate",
+    "spam_rate",
+    "bounce_rate",
+    "duplicate_rate",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class SinkConfig:
     """What a local SendGrid API accepts and how it behaves.
@@ -182,6 +192,13 @@ class SinkConfig:
     ``api_keys`` open ``/v3/mail/send``; ``forbidden_keys`` are valid keys without the
     ``mail.send`` scope (403). ``keep`` bounds the messages held in memory (oldest
     dropped, all counted). ``validate`` turns payload validation off for raw speed tests.
+
+    With ``webhook_url`` set, accepted messages yield engagement events posted there
+    like SendGrid's Signed Event Webhook (see ``mailflow.sink.events``), signed with
+    ``webhook_private_key`` (PEM; None: a key pair generated at start-up, its public
+    half served at ``GET /_sink/webhook-key``). ``click_rate`` is a share of opens;
+    ``duplicate_rate`` is the share of batches posted twice; ``events_seed`` seeds the
+    outcome RNG.
     """
 
     api_keys: tuple[str, ...] = (DEMO_API_KEY,)
@@ -190,12 +207,40 @@ class SinkConfig:
     validate: bool = True
     max_body_bytes: int = _MAX_BODY
     faults: FaultSettings = field(default_factory=FaultSettings)
+    webhook_url: str | None = None
+    webhook_private_key: str | None = field(default=None, repr=False)
+    open_rate: float = 0.4
+    click_rate: float = 0.15
+    unsubscribe_rate: float = 0.01
+    spam_rate: float = 0.002
+    bounce_rate: float = 0.01
+    duplicate_rate: float = 0.0
+    event_batch_size: int = 500
+    event_flush_ms: float = 200.0
+    events_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.api_keys:
             raise ConfigError("api_keys is empty; give at least one key (e.g. the demo key).")
         _integer("keep", self.keep, low=1)
         _integer("max_body_bytes", self.max_body_bytes, low=1)
+        url = self.webhook_url
+        if url is not None and (
+            not isinstance(url, str) or not url.startswith(("http://", "https://"))
+        ):
+            raise ConfigError(
+                f"webhook_url must be an http(s) URL such as "
+                f"http://127.0.0.1:8000/webhooks/sendgrid/events, got {url!r}."
+            )
+        key = self.webhook_private_key
+        if key is not None and (not isinstance(key, str) or "PRIVATE KEY" not in key):
+            raise ConfigError("webhook_private_key must be PEM text (-----BEGIN PRIVATE KEY-----).")
+        for name in _EVENT_RATES:
+            _number(name, getattr(self, name), high=1.0)
+        _integer("event_batch_size", self.event_batch_size, low=1)
+        _number("event_flush_ms", self.event_flush_ms)
+        if self.events_seed is not None:
+            _integer("events_seed", self.events_seed)
 
     @classmethod
     def build(cls, **overrides: Any) -> SinkConfig:

@@ -54,7 +54,8 @@ class _TrackingProtocol(_UvicornProtocol):
 
 class SinkServer(uvicorn.Server):
     """A uvicorn server that cuts pending latencies short when it shuts down, so a
-    "slow" fault does not hold the shutdown for its whole delay."""
+    "slow" fault does not hold the shutdown for its whole delay, and then flushes
+    pending webhook events (bounded)."""
 
     def __init__(self, config: uvicorn.Config, state: SinkState) -> None:
         super().__init__(config)
@@ -63,6 +64,7 @@ class SinkServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.sink.interrupt_pauses()
         await super().shutdown(sockets)
+        await self.sink.aclose()  # after the last request, so its events are queued
 
 
 def build_server(

@@ -79,8 +79,18 @@ class SinkHandle:
         return response.json()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: accepted, rejected by status, dropped, in flight, uptime."""
+        """Counters: accepted, rejected by status, dropped, in flight, uptime (and
+        ``events`` when a webhook_url is set)."""
         return self._get("/_sink/stats")
+
+    @property
+    def webhook_public_key(self) -> str:
+        """The base64 verification key of the events the sink signs (needs webhook_url).
+
+        Raises:
+            httpx.HTTPStatusError: the sink has no webhook_url (400).
+        """
+        return str(self._get("/_sink/webhook-key")["public_key"])
 
     def faults(self) -> dict[str, Any]:
         """The fault settings in force (``script`` shows what is left of it)."""

@@ -1,0 +1,335 @@
+"""Engagement events of the local SendGrid API, posted like SendGrid's Signed Event Webhook.
+
+Each accepted message yields, per recipient, ``processed`` then ``delivered`` (or a
+``bounce`` / ``dropped`` / ``deferred``), then maybe ``open``, ``click``,
+``unsubscribe`` and ``spamreport``. Outcomes are drawn from a RNG seeded with
+``events_seed``; some addresses have fixed outcomes, by how their local part starts:
+
+    bounce...   bounce (type "bounce", 550 5.1.1)
+    blocked...  bounce (type "blocked")
+    drop...     dropped ("Bounced Address")
+    defer...    deferred, then delivered
+    spam...     delivered, spamreport
+    unsub...    delivered, open, unsubscribe
+    open...     delivered, open, click
+
+A background task on the server's loop batches the events and POSTs each batch as a
+JSON array to ``webhook_url``, signed with ECDSA P-256 like SendGrid (headers
+``X-Twilio-Email-Event-Webhook-Signature`` / ``-Timestamp``). Failed posts are retried
+with a bounded backoff; the mail-send path only appends to a queue, so it never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import html
+import logging
+import random
+import re
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mailflow.errors import ConfigError
+from mailflow.sink.config import SinkConfig
+from mailflow.sink.store import MessageRecord, Recipient
+from mailflow.webhook import signing
+
+__all__ = ["DEFAULT_CLICK_URL", "EventEmitter", "events_for", "load_private_key"]
+
+logger = logging.getLogger(__name__)
+
+#: Clicked when the html content has no https link.
+DEFAULT_CLICK_URL = "https://shop.example.com"
+#: Events held waiting for the webhook; past this the oldest are discarded (and counted).
+MAX_PENDING = 1_000_000
+_MAX_ATTEMPTS = 5
+_BACKOFF_S = 0.2
+_MAX_BACKOFF_S = 5.0
+_POST_TIMEOUT_S = 10.0
+#: How long a shutdown may spend posting what is still pending.
+SHUTDOWN_FLUSH_S = 5.0
+
+_LINK = re.compile(r"""https://[^\s"'<>]+""")
+_USER_AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
+_BOUNCE_REASON = "550 5.1.1 The email account that you tried to reach does not exist."
+_BLOCKED_REASON = "550 5.7.1 Message rejected due to local policy (blocked by the receiver)."
+
+
+def load_private_key(pem: str) -> ec.EllipticCurvePrivateKey:
+    """An ECDSA P-256 private key from PEM text.
+
+    Raises:
+        ConfigError: not a PEM private key, or not P-256.
+    """
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"webhook_private_key is not an unencrypted PEM key ({exc}).") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError("webhook_private_key must be an ECDSA P-256 (SECP256R1) private key.")
+    return key
+
+
+def _public_b64(key: ec.EllipticCurvePrivateKey) -> str:
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(der).decode("ascii")
+
+
+def _click_url(payload: Any) -> str:
+    contents = payload.get("content") if isinstance(payload, dict) else None
+    for part in contents if isinstance(contents, list) else ():
+        if isinstance(part, dict) and part.get("type") == "text/html":
+            value = part.get("value")
+            found = _LINK.search(value) if isinstance(value, str) else None
+            if found:
+                return html.unescape(found.group(0))
+    return DEFAULT_CLICK_URL
+
+
+def _outcome(local: str, config: SinkConfig, rng: random.Random) -> list[str]:
+    """Event names after ``processed`` for one recipient, in order."""
+    if local.startswith("bounce"):
+        return ["bounce"]
+    if local.startswith("blocked"):
+        return ["blocked"]
+    if local.startswith("drop"):
+        return ["dropped"]
+    if local.startswith("defer"):
+        return ["deferred", "delivered"]
+    if local.startswith("spam"):
+        return ["delivered", "spamreport"]
+    if local.startswith("unsub"):
+        return ["delivered", "open", "unsubscribe"]
+    if local.startswith("open"):
+        return ["delivered", "open", "click"]
+    if rng.random() < config.bounce_rate:
+        return ["bounce"]
+    names = ["delivered"]
+    if rng.random() < config.open_rate:
+        names.append("open")
+        if rng.random() < config.click_rate:
+            names.append("click")
+    if rng.random() < config.unsubscribe_rate:
+        names.append("unsubscribe")
+    if rng.random() < config.spam_rate:
+        names.append("spamreport")
+    return names
+
+
+def _event_id() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
+
+
+def events_for(
+    record: MessageRecord, config: SinkConfig, rng: random.Random
+) -> list[dict[str, Any]]:
+    """The events SendGrid would report for every recipient of ``record``."""
+    payload = record.payload
+    click_url: str | None = None
+    ts = int(record.received_ts)
+    out: list[dict[str, Any]] = []
+    recipients: list[Recipient] = record.recipients_detail()
+    for index, recipient in enumerate(recipients):
+        sg_message_id = (
+            f"{record.message_id}.filterdrecv-{rng.randrange(10**9):09d}-"
+            f"{secrets.token_hex(4)}-1-{index}.0"
+        )
+        base: dict[str, Any] = {
+            **recipient.custom_args,  # SendGrid's own fields win over custom_args
+            "email": recipient.email,
+            "timestamp": ts,
+            "smtp-id": f"<{record.message_id}@mailflow.sink>",
+            "sg_message_id": sg_message_id,
+            "category": list(recipient.categories),
+        }
+        names = ["processed", *_outcome(recipient.email.partition("@")[0].lower(), config, rng)]
+        for name in names:
+            event = {**base, "event": name, "sg_event_id": _event_id()}
+            if name == "blocked":
+                event.update(event="bounce", type="blocked", status="5.7.1", reason=_BLOCKED_REASON)
+            elif name == "bounce":
+                event.update(
+                    type="bounce",
+                    status="5.1.1",
+                    reason=_BOUNCE_REASON,
+                    bounce_classification="Invalid Address",
+                )
+            elif name == "dropped":
+                event.update(reason="Bounced Address", status="5.0.0")
+            elif name == "deferred":
+                event.update(response="421 4.7.0 Try again later", attempt="1")
+            elif name == "delivered":
+                event.update(response="250 2.0.0 OK", tls=1)
+            elif name in ("open", "click"):
+                event.update(useragent=_USER_AGENT, ip=f"203.0.113.{rng.randrange(1, 255)}")
+                if name == "open":
+                    event["sg_machine_open"] = False
+                else:
+                    if click_url is None:
+                        click_url = _click_url(payload)
+                    event.update(url=click_url, url_offset={"index": 0, "type": "html"})
+            out.append(event)
+    return out
+
+
+class EventEmitter:
+    """Queues the events of accepted messages and posts them, signed, in batches.
+
+    ``on_accept`` is the sink's accept hook; the posting task starts on first use
+    (on the running loop) and ``aclose`` flushes what is pending, within a bound.
+    """
+
+    def __init__(self, config: SinkConfig) -> None:
+        if not config.webhook_url:
+            raise ConfigError("EventEmitter needs webhook_url.")
+        self.config = config
+        self.url = config.webhook_url
+        if config.webhook_private_key:
+            self._key = load_private_key(config.webhook_private_key)
+        else:
+            self._key, _ = signing.generate_keypair()
+        #: The verification key a webhook needs (base64 DER, as SendGrid shows it).
+        self.public_key_b64 = _public_b64(self._key)
+        self._rng = random.Random(config.events_seed)
+        self._pending: deque[dict[str, Any]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.generated = 0
+        self.posted = 0
+        self.failed = 0
+        self.discarded = 0
+        self.batches = 0
+        self.retries = 0
+        self.duplicate_batches = 0
+
+    def on_accept(self, record: MessageRecord) -> None:
+        """Queue the events of one accepted message (runs on the loop; never waits)."""
+        events = events_for(record, self.config, self._rng)
+        self.generated += len(events)
+        was_empty = not self._pending
+        self._pending.extend(events)
+        overflow = len(self._pending) - MAX_PENDING
+        if overflow > 0:
+            for _ in range(overflow):
+                self._pending.popleft()
+            self.discarded += overflow
+        self._ensure_started()
+        if self._wake is not None and (
+            was_empty or len(self._pending) >= self.config.event_batch_size
+        ):
+            self._wake.set()
+
+    def _ensure_started(self) -> None:
+        if self._task is not None or self._closing:
+            return
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="mailflow-sink-events"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``GET /_sink/stats`` (under ``events``)."""
+        return {
+            "webhook_url": self.url,
+            "generated": self.generated,
+            "pending": len(self._pending),
+            "posted": self.posted,
+            "failed": self.failed,
+            "discarded": self.discarded,
+            "batches": self.batches,
+            "retries": self.retries,
+            "duplicate_batches": self.duplicate_batches,
+        }
+
+    async def aclose(self, timeout: float = SHUTDOWN_FLUSH_S) -> None:
+        """Post what is pending (for at most ``timeout`` seconds), then stop the task."""
+        self._closing = True
+        task = self._task
+        if task is None:
+            return
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pending:
+            logger.warning("%d webhook events not posted at shutdown", len(self._pending))
+            self.discarded += len(self._pending)
+            self._pending.clear()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        size = self.config.event_batch_size
+        flush_s = self.config.event_flush_ms / 1000
+        async with httpx.AsyncClient(timeout=_POST_TIMEOUT_S, trust_env=False) as client:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    wake.clear()
+                    await wake.wait()
+                    continue
+                if len(self._pending) < size and not self._closing and flush_s > 0:
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(flush_s):
+                            await wake.wait()  # set when a batch fills or at shutdown
+                batch = [self._pending.popleft() for _ in range(min(size, len(self._pending)))]
+                body = orjson.dumps(batch)
+                if await self._post(client, body):
+                    self.posted += len(batch)
+                    self.batches += 1
+                    if self.config.duplicate_rate and (
+                        self._rng.random() < self.config.duplicate_rate
+                    ):
+                        self.duplicate_batches += 1
+                        await self._post(client, body)
+                else:
+                    self.failed += len(batch)
+
+    async def _post(self, client: httpx.AsyncClient, body: bytes) -> bool:
+        """POST one signed batch; True once answered 2xx, False after the last attempt."""
+        problem = ""
+        for attempt in range(_MAX_ATTEMPTS):
+            if attempt:
+                self.retries += 1
+                delay = min(_BACKOFF_S * 2 ** (attempt - 1), _MAX_BACKOFF_S)
+                await asyncio.sleep(delay / 4 if self._closing else delay)
+            timestamp = str(int(time.time()))
+            headers = {
+                "content-type": "application/json",
+                signing.SIGNATURE_HEADER: signing.sign(self._key, timestamp, body),
+                signing.TIMESTAMP_HEADER: timestamp,
+            }
+            try:
+                response = await client.post(self.url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                problem = f"{exc.__class__.__name__}: {exc}"
+                continue
+            if 200 <= response.status_code < 300:
+                return True
+            problem = f"HTTP {response.status_code}"
+        logger.warning(
+            "gave up posting %d bytes of events to %s after %d attempts (%s)",
+            len(body),
+            self.url,
+            _MAX_ATTEMPTS,
+            problem,
+        )
+        return False

@@ -1,0 +1,293 @@
+"""The local SendGrid API's signed engagement events, end to end into the real webhook.
+
+The sink posts to ``mailflow.webhook.app`` served by uvicorn on loopback, which
+verifies the signatures and stores into a migrated SQLite warehouse (no mocks).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Engine, select
+
+from mailflow.errors import ConfigError
+from mailflow.sink import SinkConfig
+from mailflow.sink.events import DEFAULT_CLICK_URL, events_for, load_private_key
+from mailflow.sink.store import record_from_payload
+from mailflow.sink.testing import SinkHandle, running_sink
+from mailflow.warehouse.engine import make_engine
+from mailflow.warehouse.migrate import upgrade
+from mailflow.warehouse.schema import events, suppressions
+from mailflow.webhook import signing
+from mailflow.webhook.app import EVENTS_PATH, create_app
+
+ADDRESSES = ("bounce1@example.com", "spam1@example.com", "unsub1@example.com", "ok1@example.com")
+HTML = '<p>Your cart</p><a href="https://shop.example.com/cart/7?a=1&amp;b=2">Back to cart</a>'
+
+
+def payload(email: str, ledger_id: int) -> dict[str, Any]:
+    return {
+        "personalizations": [
+            {
+                "to": [{"email": email}],
+                "custom_args": {"ledger_id": str(ledger_id), "trigger": "abandoned_cart"},
+            }
+        ],
+        "from": {"email": "shop@example.com", "name": "Example Shop"},
+        "subject": "You left something behind",
+        "content": [
+            {"type": "text/plain", "value": "Your cart: https://shop.example.com/cart/7"},
+            {"type": "text/html", "value": HTML},
+        ],
+        "categories": ["abandoned_cart"],
+    }
+
+
+def pem_keypair() -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, base64.b64encode(der).decode()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+@contextlib.contextmanager
+def running_webhook(engine: Engine, public_key_b64: str) -> Iterator[str]:
+    """The real webhook app under uvicorn in a thread; yields the events URL."""
+    app = create_app(engine=engine, public_key_b64=public_key_b64, verify=True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=base, trust_env=False) as client:
+            wait_for(lambda: _healthy(client), "webhook /healthz")
+        yield base + EVENTS_PATH
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _healthy(client: httpx.Client) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return client.get("/healthz").status_code == 200
+    return False
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def send_all(sink: SinkHandle, addresses: tuple[str, ...], first_ledger_id: int = 100) -> None:
+    headers = {"authorization": f"Bearer {sink.api_key}"}
+    for i, email in enumerate(addresses):
+        response = sink.client.post(
+            "/v3/mail/send", json=payload(email, first_ledger_id + i), headers=headers
+        )
+        assert response.status_code == 202, response.text
+
+
+def stored(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(events).order_by(events.c.id)))
+
+
+def by_email(rows: list[Any]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for row in rows:
+        out.setdefault(row.email, set()).add(row.event)
+    return out
+
+
+def test_events_reach_the_webhook_once_each_even_when_posted_twice(engine: Engine) -> None:
+    pem, public_key = pem_keypair()
+    with running_webhook(engine, public_key) as url:
+        with running_sink(
+            webhook_url=url,
+            webhook_private_key=pem,
+            duplicate_rate=1.0,
+            events_seed=7,
+            event_flush_ms=50,
+        ) as sink:
+            assert sink.webhook_public_key == public_key
+            send_all(sink, ADDRESSES)
+
+            def arrived() -> bool:
+                seen = by_email(stored(engine))
+                return (
+                    {"processed", "delivered"} <= seen.get("ok1@example.com", set())
+                    and "bounce" in seen.get("bounce1@example.com", set())
+                    and "spamreport" in seen.get("spam1@example.com", set())
+                    and "unsubscribe" in seen.get("unsub1@example.com", set())
+                )
+
+            wait_for(arrived, "the webhook to store the events")
+            state = sink.state
+            assert state is not None and state.events is not None
+        # The context exit flushed everything: posted, and every batch posted again.
+        counters = state.events.stats()
+    assert counters["pending"] == 0 and counters["failed"] == 0
+    assert counters["posted"] == counters["generated"]
+    assert counters["duplicate_batches"] == counters["batches"] >= 1
+
+    rows = stored(engine)
+    assert len(rows) == counters["generated"]  # duplicates were not stored again
+    assert len({r.sg_event_id for r in rows}) == len(rows)
+    seen = by_email(rows)
+    assert seen["bounce1@example.com"] == {"processed", "bounce"}
+    assert {"processed", "delivered", "spamreport"} <= seen["spam1@example.com"]
+    assert {"processed", "delivered", "open", "unsubscribe"} <= seen["unsub1@example.com"]
+    ledger = {r.email: r.ledger_id for r in rows}
+    assert ledger == {email: 100 + i for i, email in enumerate(ADDRESSES)}
+    assert {r.trigger for r in rows} == {"abandoned_cart"}
+    bounce = next(r for r in rows if r.event == "bounce")
+    assert bounce.bounce_type == "bounce" and bounce.reason.startswith("550 5.1.1")
+    with engine.connect() as conn:
+        reasons = {r.email: r.reason for r in conn.execute(select(suppressions))}
+    assert reasons == {
+        "bounce1@example.com": "bounce",
+        "spam1@example.com": "spamreport",
+        "unsub1@example.com": "unsubscribe",
+    }
+
+
+def test_a_generated_key_is_served_and_verifies(engine: Engine) -> None:
+    # The sink makes its own key pair; the webhook is started with the key it serves.
+    with running_sink(webhook_url="http://127.0.0.1:9/unused", event_flush_ms=10) as probe:
+        key = probe.webhook_public_key
+        assert probe.client.get("/_sink/webhook-key").json()["public_key"] == key
+        signing.load_public_key(key)  # a usable P-256 verification key
+    assert "events" not in _plain_stats()
+
+    pem, public_key = pem_keypair()
+    with (
+        running_webhook(engine, public_key) as url,
+        running_sink(webhook_url=url, webhook_private_key=pem, event_flush_ms=10) as sink,
+    ):
+        send_all(sink, ("open1@example.com",), first_ledger_id=5)
+        wait_for(lambda: len(stored(engine)) >= 4, "open events")
+        stats = sink.stats()["events"]
+        assert stats["posted"] >= 4 and stats["failed"] == 0
+    rows = stored(engine)
+    assert [r.event for r in rows] == ["processed", "delivered", "open", "click"]
+    assert rows[-1].url == "https://shop.example.com/cart/7?a=1&b=2"
+    raw = rows[-1].raw
+    assert raw["useragent"] and raw["ip"] and raw["category"] == ["abandoned_cart"]
+    assert raw["sg_message_id"].startswith(raw["smtp-id"][1:].split("@")[0] + ".")
+
+
+def _plain_stats() -> dict[str, Any]:
+    with running_sink() as sink:
+        assert sink.client.get("/_sink/webhook-key").status_code == 400
+        return sink.stats()
+
+
+def test_an_unreachable_webhook_is_retried_then_counted_failed_without_blocking() -> None:
+    # Port 9 (discard) on loopback is closed: every post fails at once.
+    started = time.monotonic()
+    with running_sink(webhook_url="http://127.0.0.1:9/events", event_flush_ms=0) as sink:
+        t0 = time.monotonic()
+        send_all(sink, ("ok1@example.com", "ok2@example.com"))
+        assert time.monotonic() - t0 < 1.0  # mail send never waits for the webhook
+        state = sink.state
+        assert state is not None and state.events is not None
+    counters = state.events.stats()
+    assert counters["posted"] == 0
+    assert counters["failed"] + counters["discarded"] == counters["generated"] > 0
+    assert counters["retries"] >= 1
+    assert time.monotonic() - started < 10
+
+
+def test_outcomes_are_deterministic_and_carry_sendgrid_fields() -> None:
+    config = SinkConfig.build(webhook_url="http://127.0.0.1:9/e", events_seed=3)
+    body = orjson.dumps(
+        {
+            **payload("x@example.com", 1),
+            "personalizations": [
+                {"to": [{"email": e}], "custom_args": {"ledger_id": str(i)}}
+                for i, e in enumerate(
+                    ["blocked1@example.com", "drop1@example.com", "Open1@Example.com", "n@x.io"]
+                )
+            ],
+            "custom_args": {"trigger": "browse"},
+            "content": [{"type": "text/plain", "value": "no links"}],
+        }
+    )
+    record = record_from_payload(orjson.loads(body), body, message_id="MSGID", received_ts=1e9)
+    first = events_for(record, config, random.Random(3))
+    second = events_for(record, config, random.Random(3))
+    assert [e["event"] for e in first] == [e["event"] for e in second]
+    names = {(e["email"], e["event"]) for e in first}
+    assert ("blocked1@example.com", "bounce") in names
+    assert ("drop1@example.com", "dropped") in names
+    assert {("Open1@Example.com", n) for n in ("processed", "delivered", "open", "click")} <= names
+    blocked = next(e for e in first if e["email"].startswith("blocked") and e["event"] == "bounce")
+    assert blocked["type"] == "blocked"
+    dropped = next(e for e in first if e["event"] == "dropped")
+    assert dropped["reason"] == "Bounced Address"
+    click = next(e for e in first if e["event"] == "click")
+    assert click["url"] == DEFAULT_CLICK_URL
+    for e in first:
+        assert e["sg_message_id"].startswith("MSGID.")
+        assert e["timestamp"] == 1_000_000_000 and e["trigger"] == "browse"
+        assert e["category"] == ["abandoned_cart"] and e["smtp-id"]
+    assert len({e["sg_event_id"] for e in first}) == len(first)
+    assert {e["ledger_id"] for e in first} == {"0", "1", "2", "3"}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"open_rate": 1.5},
+        {"event_batch_size": 0},
+        {"webhook_url": "ftp://x"},
+        {"webhook_private_key": "not a key"},
+        {"events_seed": "x"},
+    ],
+)
+def test_bad_event_settings_are_refused(overrides: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        SinkConfig.build(**overrides)
+
+
+def test_a_pem_that_is_not_p256_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        load_private_key("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
