@@ -100,6 +100,31 @@ def print_summary(title: str, summary: object) -> None:
     console.print(table)
 
 
+def print_counts(engine: object) -> None:
+    """Events by type and suppressions by reason, as stored in the warehouse."""
+    from sqlalchemy import Engine, func, select
+
+    from mailflow.warehouse.schema import events, suppressions
+
+    assert isinstance(engine, Engine)
+    with engine.connect() as conn:
+        by_event = conn.execute(
+            select(events.c.event, func.count()).group_by(events.c.event).order_by(events.c.event)
+        ).all()
+        by_reason = conn.execute(
+            select(suppressions.c.reason, func.count()).group_by(suppressions.c.reason)
+        ).all()
+    table = Table(title="mf_events and mf_suppressions")
+    table.add_column("table")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, n in by_event:
+        table.add_row("mf_events", name, f"{n:,}")
+    for reason, n in by_reason:
+        table.add_row("mf_suppressions", reason, f"{n:,}")
+    console.print(table)
+
+
 @app.command()
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="Size of the synthetic shop.")] = 5_000,
@@ -126,6 +151,8 @@ def demo(
     from mailflow.warehouse.engine import dispose_engines, make_engine
     from mailflow.warehouse.migrate import upgrade
     from mailflow.warehouse.seed import seed_shop
+    from mailflow.webhook.server import running_webhook
+    from mailflow.webhook.signing import generate_keypair, private_key_pem
 
     console.rule("[bold]1. warehouse")
     upgrade(url)
@@ -138,11 +165,27 @@ def demo(
         f"{stats.abandoned_candidates:,} idle long enough to remind ({stats.seconds:.1f}s)"
     )
 
-    console.rule("[bold]2. local SendGrid API")
-    with running_sink(process=True, latency_ms=latency_ms) as sink:
+    console.rule("[bold]2. local SendGrid API and the event webhook")
+    private_key, public_key_b64 = generate_keypair()
+    webhook_engine = make_engine(url)
+    with (
+        running_webhook(
+            webhook_engine, public_key_b64, unsubscribe_key=get_settings().unsubscribe_key()
+        ) as events_url,
+        running_sink(
+            process=True,
+            latency_ms=latency_ms,
+            webhook_url=events_url,
+            webhook_private_key=private_key_pem(private_key),
+            events_seed=seed,
+        ) as sink,
+    ):
         os.environ["MAILFLOW_SENDGRID_HOST"] = sink.url
         get_settings.cache_clear()
-        console.print(f"listening on {sink.url} with {latency_ms} ms latency")
+        console.print(
+            f"SendGrid API on {sink.url} ({latency_ms} ms latency), posting signed events "
+            f"to {events_url}"
+        )
 
         from flows.abandoned_cart import abandoned_cart
 
@@ -152,10 +195,20 @@ def demo(
         took = time.perf_counter() - t0
         print_summary(f"first run ({took:.1f}s)", first)
 
-        console.rule("[bold]4. the same flow again: nothing is sent twice")
+        console.rule("[bold]4. engagement events: SendGrid API → signed webhook → warehouse")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ev = sink.stats().get("events", {})
+            if ev.get("generated", 0) and not ev.get("pending", 0):
+                break
+            time.sleep(0.2)
+        print_counts(webhook_engine)
+
+        console.rule("[bold]5. the same flow again: nothing is sent twice")
         second = abandoned_cart()
         print_summary("second run", second)
         accepted = sink.stats().get("accepted", 0)
+    webhook_engine.dispose()
     dispose_engines()
 
     console.rule("[bold]where to look next")
@@ -164,6 +217,7 @@ def demo(
         f"(first run sent {first.sent:,}, second run {second.sent:,})\n"
         "- ledger, one row per message:  sqlite3 data/demo.db "
         '"select status, count(*) from mf_send_ledger group by status"\n'
+        "- engagement events and suppressions: tables mf_events, mf_suppressions\n"
         "- quarantined rows and why:      sqlite3 data/demo.db "
         '"select expectation, count(*) from mf_quarantine group by 1"\n'
         "- run summaries:                 table mf_runs; in the Prefect UI, the artifact "

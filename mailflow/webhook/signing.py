@@ -116,6 +116,15 @@ def generate_keypair() -> tuple[ec.EllipticCurvePrivateKey, str]:
     return private_key, base64.b64encode(der).decode("ascii")
 
 
+def private_key_pem(private_key: ec.EllipticCurvePrivateKey) -> str:
+    """The private key as unencrypted PKCS#8 PEM (to hand to the local SendGrid API)."""
+    return private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+
+
 def sign(private_key: ec.EllipticCurvePrivateKey, timestamp: str, body: bytes) -> str:
     """The signature header value SendGrid would send for ``timestamp`` and ``body``."""
     signature = private_key.sign(timestamp.encode() + body, _ALGORITHM)

@@ -6,22 +6,14 @@ verifies the signatures and stores into a migrated SQLite warehouse (no mocks).
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import random
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, select
 
 from mailflow.errors import ConfigError
@@ -33,7 +25,7 @@ from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.migrate import upgrade
 from mailflow.warehouse.schema import events, suppressions
 from mailflow.webhook import signing
-from mailflow.webhook.app import EVENTS_PATH, create_app
+from mailflow.webhook.server import running_webhook
 
 ADDRESSES = ("bounce1@example.com", "spam1@example.com", "unsub1@example.com", "ok1@example.com")
 HTML = '<p>Your cart</p><a href="https://shop.example.com/cart/7?a=1&amp;b=2">Back to cart</a>'
@@ -58,16 +50,8 @@ def payload(email: str, ledger_id: int) -> dict[str, Any]:
 
 
 def pem_keypair() -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der).decode()
+    key, public_b64 = signing.generate_keypair()
+    return signing.private_key_pem(key), public_b64
 
 
 @pytest.fixture
@@ -77,35 +61,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     eng = make_engine(url)
     yield eng
     eng.dispose()
-
-
-@contextlib.contextmanager
-def running_webhook(engine: Engine, public_key_b64: str) -> Iterator[str]:
-    """The real webhook app under uvicorn in a thread; yields the events URL."""
-    app = create_app(engine=engine, public_key_b64=public_key_b64, verify=True)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        with httpx.Client(base_url=base, trust_env=False) as client:
-            wait_for(lambda: _healthy(client), "webhook /healthz")
-        yield base + EVENTS_PATH
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def _healthy(client: httpx.Client) -> bool:
-    with contextlib.suppress(httpx.TransportError):
-        return client.get("/healthz").status_code == 200
-    return False
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

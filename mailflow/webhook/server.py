@@ -1,0 +1,55 @@
+"""Serve the webhook app in a background thread (the demo and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import uvicorn
+from pydantic import SecretStr
+from sqlalchemy import Engine
+
+from mailflow.webhook.app import EVENTS_PATH, create_app
+
+
+@contextlib.contextmanager
+def running_webhook(
+    engine: Engine,
+    public_key_b64: str,
+    *,
+    unsubscribe_key: SecretStr | None = None,
+    startup_timeout: float = 10.0,
+) -> Iterator[str]:
+    """The real webhook app under uvicorn on a free loopback port; yields the events URL."""
+    app = create_app(
+        engine=engine, public_key_b64=public_key_b64, verify=True, unsubscribe_key=unsubscribe_key
+    )
+    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets it knows are TCP.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        with httpx.Client(base_url=base, trust_env=False) as client:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/healthz").status_code == 200:
+                        break
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError("the webhook service did not start")
+                time.sleep(0.05)
+        yield base + EVENTS_PATH
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
