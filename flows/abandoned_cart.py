@@ -16,7 +16,7 @@ from tasks.record import RunSummary
     name="abandoned-cart",
     description="Email customers whose cart has been idle for a while and never ordered.",
     # A few batches in flight at once: each waits mostly on the network.
-    task_runner=ThreadPoolTaskRunner(max_workers=4),
+    task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]  # Prefect generic
 )
 def abandoned_cart(
     idle_hours: Annotated[float, Field(gt=0, le=168)] = 4.0,

@@ -125,7 +125,9 @@ class Settings(BaseSettings):
             from prefect.blocks.system import Secret
 
             try:
-                value = Secret.load(self.sendgrid_api_key_block).get()
+                # _sync: also called from async tasks, where load() would return a coroutine.
+                block = Secret.load(self.sendgrid_api_key_block, _sync=True)  # type: ignore[call-arg]
+                value = block.get()  # type: ignore[union-attr]
             except ValueError as exc:
                 raise ConfigError(
                     f"Prefect Secret block {self.sendgrid_api_key_block!r} could not be loaded; "

@@ -92,7 +92,7 @@ def ledger_tally(trigger: str, flow_run_id: str | None) -> dict[str, Any]:
     cols = send_ledger.c
     run = (cols.trigger == trigger, cols.flow_run_id == flow_run_id)
     with get_engine().connect() as conn:
-        statuses = dict(
+        statuses: dict[str, int] = dict(
             conn.execute(select(cols.status, func.count()).where(*run).group_by(cols.status)).all()
         )
         failed: Counter[str] = Counter()

@@ -31,3 +31,25 @@ def test_the_key_never_prints(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(demo=False)
     assert settings.api_key().get_secret_value() == "SG.very-secret"
     assert "SG.very-secret" not in repr(settings) and "SG.very-secret" not in str(settings)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_key_from_a_prefect_secret_block_in_sync_and_async_code() -> None:
+    import asyncio
+
+    from prefect.blocks.system import Secret
+
+    Secret(value="SG.from-a-block").save("mailflow-test-sendgrid-key", overwrite=True)
+    settings = Settings(demo=False, sendgrid_api_key_block="mailflow-test-sendgrid-key")
+    assert settings.api_key().get_secret_value() == "SG.from-a-block"
+
+    async def from_async_code() -> str:  # e.g. the send task
+        return settings.api_key().get_secret_value()
+
+    assert asyncio.run(from_async_code()) == "SG.from-a-block"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_missing_secret_block_names_the_fix() -> None:
+    with pytest.raises(ConfigError, match="MAILFLOW_SENDGRID_API_KEY_BLOCK"):
+        Settings(demo=False, sendgrid_api_key_block="no-such-block").api_key()
