@@ -1,6 +1,6 @@
 """``mailflow sink``: run the local SendGrid API, inspect it, change its faults.
 
-``mailflow sink`` (or ``mailflow sink serve``) starts the server; the other
+``mailflow sink [OPTIONS]`` starts the server; the other
 commands talk to a running one over HTTP (``--url``, default
 ``$MAILFLOW_SENDGRID_HOST`` or http://127.0.0.1:3030).
 """
@@ -170,47 +170,11 @@ def main(
     event_flush_ms: EventFlushMs = 200.0,
     events_seed: EventsSeed = None,
 ) -> None:
-    """Without a command: serve (same options as ``serve``)."""
+    """Run the local SendGrid API until Ctrl+C (unless a subcommand is given)."""
     options = dict(locals())  # before anything else is bound
     del options["ctx"]
     if ctx.invoked_subcommand is None:
         _serve(**options)
-
-
-@sink_app.command()
-def serve(
-    host: Host = "127.0.0.1",
-    port: Port = 3030,
-    latency_ms: LatencyMs = 0.0,
-    jitter_ms: JitterMs = 0.0,
-    rate_limit: RateLimit = 0,
-    rate_limit_window_s: RateWindow = 1.0,
-    error_rate_500: Rate500 = 0.0,
-    error_rate_503: Rate503 = 0.0,
-    drop_rate: DropRate = 0.0,
-    slow_rate: SlowRate = 0.0,
-    slow_ms: SlowMs = 30_000.0,
-    seed: Seed = None,
-    keep: Keep = 200_000,
-    api_key: ApiKeys = None,
-    forbidden_key: ForbiddenKeys = None,
-    validate: Validate = True,
-    script: Script = None,
-    fail_recipients: FailRecipients = None,
-    webhook_url: WebhookUrl = None,
-    webhook_private_key: WebhookKey = None,
-    open_rate: OpenRate = 0.4,
-    click_rate: ClickRate = 0.15,
-    unsubscribe_rate: UnsubscribeRate = 0.01,
-    spam_rate: SpamRate = 0.002,
-    bounce_rate: BounceRate = 0.01,
-    duplicate_rate: DuplicateRate = 0.0,
-    event_batch_size: EventBatchSize = 500,
-    event_flush_ms: EventFlushMs = 200.0,
-    events_seed: EventsSeed = None,
-) -> None:
-    """Run the local SendGrid API until Ctrl+C."""
-    _serve(**locals())
 
 
 def _call(method: str, url: str, path: str, **kwargs: Any) -> Any:

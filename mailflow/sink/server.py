@@ -1,6 +1,6 @@
 """Run the local SendGrid API under uvicorn.
 
-``serve`` is what ``mailflow sink serve`` calls; ``build_server`` is the piece
+``serve`` is what ``mailflow sink`` calls; ``build_server`` is the piece
 ``mailflow.sink.testing`` reuses to run it in a thread or a child process. The
 server uses httptools and uvloop when they are installed (several times faster
 than h11 and asyncio's loop) and falls back to uvicorn's pure-Python parts.
