@@ -28,6 +28,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mailflow.health import wait_healthy  # noqa: E402
 from mailflow.webhook.signing import (  # noqa: E402
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -153,16 +154,10 @@ def main() -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the webhook did not start")
-            time.sleep(0.2)
+        with httpx.Client(base_url=base, trust_env=False) as client:
+            wait_healthy(
+                client, what="mailflow webhook", alive=lambda: proc.poll() is None, timeout=60
+            )
         start = time.perf_counter()
         stored = asyncio.run(post_all(base, bodies, key, args.parallel))
         took = time.perf_counter() - start

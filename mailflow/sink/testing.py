@@ -19,14 +19,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from mailflow.health import wait_healthy
 from mailflow.sink.app import SinkState
 from mailflow.sink.config import SinkConfig
 from mailflow.sink.server import build_server
@@ -134,17 +134,7 @@ def _listening_socket() -> socket.socket:
     return sock
 
 
-def _wait_healthy(client: httpx.Client, alive: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(httpx.TransportError):
-            if client.get("/healthz").status_code == 200:
-                return
-        if not alive():
-            raise RuntimeError("the local SendGrid API exited during start-up (see stderr)")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the local SendGrid API did not answer /healthz in {timeout}s")
-        time.sleep(0.02)
+_WHAT = "the local SendGrid API"
 
 
 @contextlib.contextmanager
@@ -189,7 +179,7 @@ def _thread(
     )
     thread.start()
     try:
-        _wait_healthy(client, thread.is_alive, timeout)
+        wait_healthy(client, what=_WHAT, alive=thread.is_alive, timeout=timeout)
         yield server.sink
     finally:
         client.close()  # idle keep-alive connections would only slow the shutdown down
@@ -217,7 +207,7 @@ def _child_process(
     child = subprocess.Popen(command, pass_fds=[sock.fileno()], env=env)
     sock.close()  # the child holds its own copy
     try:
-        _wait_healthy(client, lambda: child.poll() is None, timeout)
+        wait_healthy(client, what=_WHAT, alive=lambda: child.poll() is None, timeout=timeout)
         yield child.pid
     finally:
         client.close()

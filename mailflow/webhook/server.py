@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +12,7 @@ import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
+from mailflow.health import wait_healthy
 from mailflow.webhook.app import EVENTS_PATH, create_app
 
 
@@ -39,15 +39,10 @@ def running_webhook(
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + startup_timeout
         with httpx.Client(base_url=base, trust_env=False) as client:
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/healthz").status_code == 200:
-                        break
-                if time.monotonic() > deadline or not thread.is_alive():
-                    raise RuntimeError("the webhook service did not start")
-                time.sleep(0.05)
+            wait_healthy(
+                client, what="the webhook service", alive=thread.is_alive, timeout=startup_timeout
+            )
         yield base + EVENTS_PATH
     finally:
         server.should_exit = True

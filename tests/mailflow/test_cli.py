@@ -46,6 +46,7 @@ def test_webhook_command_serves_and_stores_signed_events(tmp_path: Path) -> None
     import httpx
     import orjson
 
+    from mailflow.health import wait_healthy
     from mailflow.warehouse.schema import events
     from mailflow.webhook.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, generate_keypair, sign
 
@@ -63,15 +64,10 @@ def test_webhook_command_serves_and_stores_signed_events(tmp_path: Path) -> None
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "webhook did not start"
-            time.sleep(0.2)
+        with httpx.Client(base_url=base, trust_env=False) as client:
+            wait_healthy(
+                client, what="mailflow webhook", alive=lambda: proc.poll() is None, timeout=60
+            )
         body = orjson.dumps(
             [
                 {
