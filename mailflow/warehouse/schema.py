@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -130,6 +131,7 @@ send_ledger = Table(
     Index("ix_mf_send_ledger_trigger_status", "trigger", "status"),
     Index("ix_mf_send_ledger_flow_run_id", "flow_run_id"),
     Index("ix_mf_send_ledger_email", "email"),
+    Index("ix_mf_send_ledger_updated_at", "updated_at"),
 )
 
 #: Rows that failed validation, per run, with the expectation that failed.
@@ -180,7 +182,7 @@ events = Table(
     Column("reason", Text, nullable=True),
     Column("bounce_type", String(32), nullable=True),
     Column("raw", JSON, nullable=False),
-    Column("received_at", DateTime, nullable=False),
+    Column("received_at", DateTime, nullable=False, index=True),
 )
 
 #: One row per flow run: what it found, excluded, quarantined, sent, failed.
@@ -193,6 +195,70 @@ run_log = Table(
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime, nullable=True),
     Column("summary", JSON, nullable=True),
+)
+
+# --- engagement metrics (built by flows/engagement_rollup.py; see the README's data dictionary)
+
+#: One row per sent message (ledger row in ``sent``): what happened to it afterwards.
+message_facts = Table(
+    "mf_message_facts",
+    metadata,
+    Column("ledger_id", Id, primary_key=True, autoincrement=False),
+    Column("trigger", String(64), nullable=False),
+    Column("variant", String(64), nullable=False),
+    Column("customer_id", Id, nullable=True, index=True),
+    Column("send_day", Date, nullable=False, index=True),
+    Column("sent_at", DateTime, nullable=False),
+    Column("delivered_at", DateTime, nullable=True),
+    Column("bounced", Boolean, nullable=False),
+    Column("blocked", Boolean, nullable=False),
+    Column("dropped", Boolean, nullable=False),
+    Column("deferred", Boolean, nullable=False),
+    Column("opens", Integer, nullable=False),
+    Column("first_open_at", DateTime, nullable=True),
+    Column("clicks", Integer, nullable=False),
+    Column("first_click_at", DateTime, nullable=True),
+    Column("unsubscribed", Boolean, nullable=False),
+    Column("spam_reported", Boolean, nullable=False),
+    Column("orders", Integer, nullable=False),
+    Column("first_order_id", Id, nullable=True),
+    Column("revenue", Numeric(12, 2), nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+#: One row per (trigger, variant, send day): the message facts added up.
+metrics_daily = Table(
+    "mf_metrics_daily",
+    metadata,
+    Column("trigger", String(64), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("sent", Integer, nullable=False),
+    Column("delivered", Integer, nullable=False),
+    Column("bounced", Integer, nullable=False),
+    Column("blocked", Integer, nullable=False),
+    Column("dropped", Integer, nullable=False),
+    Column("deferred", Integer, nullable=False),
+    Column("unique_opens", Integer, nullable=False),
+    Column("unique_clicks", Integer, nullable=False),
+    Column("opens", Integer, nullable=False),
+    Column("clicks", Integer, nullable=False),
+    Column("unsubscribes", Integer, nullable=False),
+    Column("spam_reports", Integer, nullable=False),
+    Column("conversions", Integer, nullable=False),
+    Column("orders", Integer, nullable=False),
+    Column("revenue", Numeric(14, 2), nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+#: Where each incremental job got to (one row per job name).
+rollup_state = Table(
+    "mf_rollup_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("last_event_id", BigInteger, nullable=False),
+    Column("last_started_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
 )
 
 LEDGER_STATES = ("planned", "sending", "sent", "failed", "skipped", "unknown")
