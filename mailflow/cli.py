@@ -89,6 +89,11 @@ def seed(
     )
 
 
+def _shown(path: Path) -> Path:
+    """``path`` relative to the working directory when inside it (shorter, no machine paths)."""
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
 def print_summary(title: str, summary: object) -> None:
     """A run summary as a table."""
     table = Table(title=title, show_lines=False)
@@ -160,7 +165,7 @@ def demo(
     stats = seed_shop(engine, customers=customers, seed=seed)
     engine.dispose()
     console.print(
-        f"{db_path.relative_to(Path.cwd()) if db_path.is_relative_to(Path.cwd()) else db_path}: "
+        f"{_shown(db_path)}: "
         f"{stats.customers:,} customers, {stats.carts:,} carts, "
         f"{stats.abandoned_candidates:,} idle long enough to remind ({stats.seconds:.1f}s)"
     )
@@ -208,6 +213,29 @@ def demo(
         second = abandoned_cart()
         print_summary("second run", second)
         accepted = sink.stats().get("accepted", 0)
+
+    console.rule("[bold]6. engagement metrics: shoppers come back, the rollup adds it up")
+    from datetime import timedelta
+
+    from flows.engagement_rollup import engagement_rollup
+    from mailflow.ledger import utcnow
+    from mailflow.report import Period, funnel_chart, metrics_table, period_metrics
+    from mailflow.warehouse.returns import shoppers_return
+
+    came_back = shoppers_return(webhook_engine, seed=seed)
+    console.print(
+        f"{came_back.orders:,} reminded shoppers came back and ordered their cart "
+        f"(simulated, {came_back.revenue:,.2f} in all)"
+    )
+    engagement_rollup()
+    today = utcnow().date()
+    # Yesterday too, in case the demo ran across midnight UTC.
+    period = Period(today - timedelta(days=1), today)
+    rows = period_metrics(webhook_engine, period)
+    title = "engagement of the demo's messages (mailflow report, view mf_engagement_daily)"
+    console.print(metrics_table(rows, title))
+    chart = funnel_chart(rows, DATA_DIR / "demo-funnel.png", title=title)
+    console.print(f"funnel chart: {_shown(chart)}")
     webhook_engine.dispose()
     dispose_engines()
 
@@ -218,6 +246,8 @@ def demo(
         "- ledger, one row per message:  sqlite3 data/demo.db "
         '"select status, count(*) from mf_send_ledger group by status"\n'
         "- engagement events and suppressions: tables mf_events, mf_suppressions\n"
+        "- metrics for analysts:          views mf_engagement_daily, mf_engagement_totals; "
+        "mailflow report (table + funnel chart)\n"
         "- quarantined rows and why:      sqlite3 data/demo.db "
         '"select expectation, count(*) from mf_quarantine group by 1"\n'
         "- run summaries:                 table mf_runs; in the Prefect UI, the artifact "
@@ -273,6 +303,169 @@ def run(
         raise typer.BadParameter(f"unknown trigger {trigger!r}; known: {', '.join(flows)}")
     summary = flows[trigger](batch_size=batch_size)
     print_summary(trigger, summary)
+
+
+suppress_app = typer.Typer(
+    help="Addresses nobody may email: add, remove, list, import.", no_args_is_help=True
+)
+app.add_typer(suppress_app, name="suppress")
+
+
+def _report_suppress(outcome: object, source: str) -> None:
+    from mailflow.suppressions import Outcome
+
+    assert isinstance(outcome, Outcome)
+    console.print(
+        f"{outcome.added:,} suppressed, {outcome.already:,} already suppressed (source: {source})"
+    )
+    for where, raw, problem in outcome.invalid:
+        console.print(f"[yellow]skipped[/yellow] {where}: {raw!r} is not an address ({problem})")
+    if outcome.invalid:
+        console.print(
+            f"{len(outcome.invalid):,} rows skipped; fix them and run the command again "
+            "(the rows already added stay)"
+        )
+
+
+@suppress_app.command("add")
+def suppress_add(
+    emails: Annotated[list[str], typer.Argument(help="One or more addresses.")],
+    reason: Annotated[str, typer.Option(help="Why (free text, up to 64 characters).")] = "manual",
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Suppress addresses by hand (e.g. a complaint that reached support)."""
+    from mailflow import suppressions
+    from mailflow.warehouse.engine import make_engine
+
+    engine = make_engine(_url(warehouse))
+    try:
+        with engine.begin() as conn:
+            outcome = suppressions.add(
+                conn, [(f"argument {i}", e, reason) for i, e in enumerate(emails, 1)], source="cli"
+            )
+    finally:
+        engine.dispose()
+    _report_suppress(outcome, "cli")
+    if outcome.invalid:
+        raise typer.Exit(1)
+
+
+@suppress_app.command("remove")
+def suppress_remove(
+    emails: Annotated[list[str], typer.Argument(help="One or more addresses.")],
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Lift suppressions (only when the person asked to hear from you again)."""
+    from mailflow import suppressions
+    from mailflow.warehouse.engine import make_engine
+
+    engine = make_engine(_url(warehouse))
+    try:
+        with engine.begin() as conn:
+            lifted = suppressions.remove(conn, emails)
+    finally:
+        engine.dispose()
+    console.print(f"{lifted:,} of {len(set(emails)):,} addresses lifted")
+
+
+@suppress_app.command("list")
+def suppress_list(
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    contains: Annotated[str | None, typer.Option(help="Only addresses containing this.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """The newest suppressions, with their reason and source."""
+    from mailflow import suppressions
+    from mailflow.warehouse.engine import make_engine
+
+    engine = make_engine(_url(warehouse))
+    try:
+        with engine.connect() as conn:
+            total, rows = suppressions.listing(conn, reason=reason, contains=contains, limit=limit)
+    finally:
+        engine.dispose()
+    table = Table(title=f"{total:,} suppressions (newest {len(rows):,} shown)")
+    for col in ("email", "reason", "source", "since (UTC)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.email, r.reason, r.source or "", f"{r.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+@suppress_app.command("import")
+def suppress_import(
+    path: Annotated[Path, typer.Argument(help="CSV with a header row and an email column.")],
+    reason: Annotated[
+        str, typer.Option(help="Reason for rows without a reason column.")
+    ] = "imported",
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Import a suppression list (e.g. exported from a previous provider); idempotent."""
+    from mailflow import suppressions
+    from mailflow.warehouse.engine import make_engine
+
+    entries = suppressions.read_csv(path, default_reason=reason)
+    engine = make_engine(_url(warehouse))
+    try:
+        with engine.begin() as conn:
+            outcome = suppressions.add(conn, entries, source=f"import:{path.name}")
+    finally:
+        engine.dispose()
+    _report_suppress(outcome, f"import:{path.name}")
+
+
+@app.command()
+def report(
+    days: Annotated[int, typer.Option(min=1, help="The last N send days (UTC).")] = 30,
+    since: Annotated[
+        str | None, typer.Option(help="First send day, YYYY-MM-DD (instead of --days).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Last send day, YYYY-MM-DD.")] = None,
+    trigger: Annotated[str | None, typer.Option(help="Only this trigger.")] = None,
+    chart: Annotated[Path, typer.Option(help="Where to write the funnel chart (PNG).")] = DATA_DIR
+    / "funnel.png",
+    rollup_first: Annotated[
+        bool, typer.Option("--rollup/--no-rollup", help="Update the metric tables first.")
+    ] = True,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Print the engagement metrics per trigger and variant and chart the funnel."""
+    from datetime import date, timedelta
+
+    from mailflow.ledger import utcnow
+    from mailflow.metrics import rollup
+    from mailflow.report import Period, funnel_chart, metrics_table, period_metrics
+    from mailflow.warehouse.engine import make_engine
+
+    def day(value: str, option: str) -> date:
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{value!r} is not a date like 2026-11-27", param_hint=option
+            ) from None
+
+    end = day(until, "--until") if until else utcnow().date()
+    start = day(since, "--since") if since else end - timedelta(days=days - 1)
+    try:
+        period = Period(start, end)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    engine = make_engine(_url(warehouse))
+    try:
+        if rollup_first:
+            rollup(engine)
+        rows = period_metrics(engine, period, trigger=trigger)
+    finally:
+        engine.dispose()
+    title = f"engagement, messages sent {period.since} – {period.until} (UTC)"
+    if not rows:
+        console.print(f"{title}: no messages sent in this period")
+        return
+    console.print(metrics_table(rows, title))
+    written = funnel_chart(rows, chart, title=title)
+    console.print(f"funnel chart: {written}")
 
 
 def main() -> None:

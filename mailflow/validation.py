@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMAIL_REGEX",
+    "email_problem",
     "QUARANTINE_TABLE",
     "SUPPORTED_LOCALES",
     "Rule",
@@ -719,7 +720,7 @@ def _reason(rule: Rule, value: object) -> str:
     shown = _quote(value)
     if rule.kind == "email":
         return (
-            f"{rule.column} {shown} is not a well-formed address ({_email_problem(value)}); "
+            f"{rule.column} {shown} is not a well-formed address ({email_problem(value)}); "
             "fix the address in the warehouse"
         )
     if rule.kind == "length_between":
@@ -748,7 +749,7 @@ def _reason(rule: Rule, value: object) -> str:
     raise ConfigError(f"rule {rule.name!r}: unknown kind {rule.kind!r}")
 
 
-def _email_problem(value: object) -> str:
+def email_problem(value: object) -> str:
     """The first thing wrong with an address that failed :data:`EMAIL_REGEX`, in plain words."""
     if not isinstance(value, str):
         return f"it is a {type(value).__name__}, not text"

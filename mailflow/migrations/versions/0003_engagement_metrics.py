@@ -45,7 +45,8 @@ _RATES = (
     ("conversion_rate", "conversions", "delivered"),
 )
 _RATE_SQL = ",\n    ".join(
-    f"CASE WHEN {den} > 0 THEN 1.0 * {num} / {den} END AS {name}" for name, num, den in _RATES
+    f"CASE WHEN {den} > 0 THEN CAST({num} AS FLOAT) / {den} END AS {name}"
+    for name, num, den in _RATES
 )
 
 #: Per trigger, variant and send day, with the rates.

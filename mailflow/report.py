@@ -1,0 +1,188 @@
+"""The metric table for a period and its funnel chart (``mailflow report``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from sqlalchemy import Engine, func, select
+
+from mailflow.warehouse.schema import metrics_daily
+
+#: Summed columns, in display order.
+COUNTS = (
+    "sent",
+    "delivered",
+    "bounced",
+    "blocked",
+    "dropped",
+    "deferred",
+    "unique_opens",
+    "unique_clicks",
+    "opens",
+    "clicks",
+    "unsubscribes",
+    "spam_reports",
+    "conversions",
+    "orders",
+)
+#: name, numerator, denominator: the same definitions as the ``mf_engagement_*`` views.
+RATES = (
+    ("delivery_rate", "delivered", "sent"),
+    ("bounce_rate", "bounced", "sent"),
+    ("open_rate", "unique_opens", "delivered"),
+    ("click_rate", "unique_clicks", "delivered"),
+    ("click_to_open_rate", "unique_clicks", "unique_opens"),
+    ("complaint_rate", "spam_reports", "delivered"),
+    ("unsubscribe_rate", "unsubscribes", "delivered"),
+    ("conversion_rate", "conversions", "delivered"),
+)
+#: The funnel stages and the column each one counts.
+FUNNEL = (
+    ("sent", "sent"),
+    ("delivered", "delivered"),
+    ("opened", "unique_opens"),
+    ("clicked", "unique_clicks"),
+    ("converted", "conversions"),
+)
+
+
+_COLOURS = ["#4c72b0", "#55a868", "#c4a000", "#dd8452", "#8172b3"]
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """Send days from ``since`` to ``until``, both included."""
+
+    since: date
+    until: date
+
+    def __post_init__(self) -> None:
+        if self.since > self.until:
+            raise ValueError(
+                f"the period starts ({self.since}) after it ends ({self.until}); swap the dates"
+            )
+
+
+def with_rates(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` plus every rate (``None`` where the denominator is 0)."""
+    out = dict(row)
+    for name, num, den in RATES:
+        out[name] = row[num] / row[den] if row[den] else None
+    return out
+
+
+def period_metrics(
+    engine: Engine, period: Period, *, trigger: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per (trigger, variant) with the sums over the period's send days and rates."""
+    m = metrics_daily.c
+    stmt = (
+        select(
+            m.trigger,
+            m.variant,
+            *(func.sum(m[c]).label(c) for c in COUNTS),
+            func.sum(m.revenue).label("revenue"),
+        )
+        .where(m.day >= period.since, m.day <= period.until)
+        .group_by(m.trigger, m.variant)
+        .order_by(m.trigger, m.variant)
+    )
+    if trigger is not None:
+        stmt = stmt.where(m.trigger == trigger)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).mappings().all()
+    return [
+        with_rates({**r, **{c: int(r[c]) for c in COUNTS}, "revenue": float(r["revenue"])})
+        for r in rows
+    ]
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def metrics_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """A rich table of :func:`period_metrics` rows."""
+    table = Table(title=title, title_justify="left")
+    for header in ("trigger", "variant", "sent", "deliv.", "bounce", "open", "click", "CTOR"):
+        table.add_column(header, justify="left" if header in ("trigger", "variant") else "right")
+    for header in ("unsub", "spam", "conv.", "revenue"):
+        table.add_column(header, justify="right")
+    for r in rows:
+        table.add_row(
+            r["trigger"],
+            r["variant"],
+            f"{r['sent']:,}",
+            _pct(r["delivery_rate"]),
+            _pct(r["bounce_rate"]),
+            _pct(r["open_rate"]),
+            _pct(r["click_rate"]),
+            _pct(r["click_to_open_rate"]),
+            f"{r['unsubscribes']:,}",
+            f"{r['spam_reports']:,}",
+            f"{r['conversions']:,} ({_pct(r['conversion_rate'])})",
+            f"{r['revenue']:,.2f}",
+        )
+    return table
+
+
+def artifact_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`period_metrics` rows shaped for a Prefect table artifact."""
+    keep = ("trigger", "variant", "sent", "delivered", "unique_opens", "unique_clicks")
+    return [
+        {k: r[k] for k in keep}
+        | {
+            "conversions": r["conversions"],
+            "revenue": round(r["revenue"], 2),
+            **{name: None if r[name] is None else round(r[name], 4) for name, _, _ in RATES},
+        }
+        for r in rows
+    ]
+
+
+def funnel_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> Path:
+    """Write a PNG with one funnel per trigger: sent → delivered → opened → clicked → converted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    per_trigger: dict[str, dict[str, int]] = {}
+    for r in rows:
+        totals = per_trigger.setdefault(r["trigger"], dict.fromkeys((c for _, c in FUNNEL), 0))
+        for _, column in FUNNEL:
+            totals[column] += int(r[column])
+    if not per_trigger:
+        raise ValueError("no metric rows in this period: nothing to chart (run the rollup first)")
+
+    labels = [stage for stage, _ in FUNNEL]
+    fig, axes = plt.subplots(
+        len(per_trigger), 1, figsize=(8, 1.0 + 2.2 * len(per_trigger)), squeeze=False
+    )
+    for ax, (trigger, totals) in zip(axes[:, 0], sorted(per_trigger.items()), strict=True):
+        values = [totals[column] for _, column in FUNNEL]
+        bars = ax.barh(labels, values, color=_COLOURS)
+        ax.invert_yaxis()
+        ax.set_title(trigger, loc="left", fontsize=11)
+        ax.set_xlim(0, max(values[0], 1) * 1.25)
+        for bar, value in zip(bars, values, strict=True):
+            share = f" ({100 * value / values[0]:.1f}%)" if values[0] else ""
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                f" {value:,}{share}",
+                va="center",
+                fontsize=9,
+            )
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
