@@ -150,6 +150,8 @@ def demo(
     os.environ.setdefault("MAILFLOW_DEMO", "true")
     # The demo runs offline: no usage telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server can take a while to start on a small, busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     get_settings.cache_clear()
 
     from mailflow.sink.testing import running_sink
@@ -219,7 +221,7 @@ def demo(
 
     from flows.engagement_rollup import engagement_rollup
     from mailflow.ledger import utcnow
-    from mailflow.report import Period, funnel_chart, metrics_table, period_metrics
+    from mailflow.report import Period, funnel_chart, metrics_tables, period_metrics
     from mailflow.warehouse.returns import shoppers_return
 
     came_back = shoppers_return(webhook_engine, seed=seed)
@@ -233,7 +235,8 @@ def demo(
     period = Period(today - timedelta(days=1), today)
     rows = period_metrics(webhook_engine, period)
     title = "engagement of the demo's messages (mailflow report, view mf_engagement_daily)"
-    console.print(metrics_table(rows, title))
+    console.print(title)
+    console.print(*metrics_tables(rows))
     chart = funnel_chart(rows, DATA_DIR / "demo-funnel.png", title=title)
     console.print(f"funnel chart: {_shown(chart)}")
     webhook_engine.dispose()
@@ -435,7 +438,7 @@ def report(
 
     from mailflow.ledger import utcnow
     from mailflow.metrics import rollup
-    from mailflow.report import Period, funnel_chart, metrics_table, period_metrics
+    from mailflow.report import Period, funnel_chart, metrics_tables, period_metrics
     from mailflow.warehouse.engine import make_engine
 
     def day(value: str, option: str) -> date:
@@ -463,7 +466,8 @@ def report(
     if not rows:
         console.print(f"{title}: no messages sent in this period")
         return
-    console.print(metrics_table(rows, title))
+    console.print(title)
+    console.print(*metrics_tables(rows))
     written = funnel_chart(rows, chart, title=title)
     console.print(f"funnel chart: {written}")
 

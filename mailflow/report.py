@@ -106,29 +106,53 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def metrics_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
-    """A rich table of :func:`period_metrics` rows."""
-    table = Table(title=title, title_justify="left")
-    for header in ("trigger", "variant", "sent", "deliv.", "bounce", "open", "click", "CTOR"):
-        table.add_column(header, justify="left" if header in ("trigger", "variant") else "right")
-    for header in ("unsub", "spam", "conv.", "revenue"):
-        table.add_column(header, justify="right")
+#: (label, count column, rate shown beside it) — one line of a report table each.
+_LINES = (
+    ("sent", "sent", None),
+    ("delivered", "delivered", "delivery_rate"),
+    ("bounced (hard)", "bounced", "bounce_rate"),
+    ("opened (unique)", "unique_opens", "open_rate"),
+    ("clicked (unique)", "unique_clicks", "click_rate"),
+    ("click-to-open", None, "click_to_open_rate"),
+    ("unsubscribed", "unsubscribes", "unsubscribe_rate"),
+    ("spam reports", "spam_reports", "complaint_rate"),
+    ("converted", "conversions", "conversion_rate"),
+    ("revenue", "revenue", None),
+)
+
+
+def _cell(row: Mapping[str, Any], count: str | None, rate: str | None) -> str:
+    if count == "revenue":
+        return f"{row['revenue']:,.2f}"
+    parts = [] if count is None else [f"{row[count]:,}"]
+    if rate is not None:
+        parts.append(_pct(row[rate]) if count is None else f"({_pct(row[rate])})")
+    return " ".join(parts)
+
+
+def metrics_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
+    """One table per trigger: a line per metric, a column per variant and their total.
+
+    Metrics down the side keep it readable in an 80-column terminal however many
+    metrics there are; a trigger rarely has more than a few variants.
+    """
+    by_trigger: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:
-        table.add_row(
-            r["trigger"],
-            r["variant"],
-            f"{r['sent']:,}",
-            _pct(r["delivery_rate"]),
-            _pct(r["bounce_rate"]),
-            _pct(r["open_rate"]),
-            _pct(r["click_rate"]),
-            _pct(r["click_to_open_rate"]),
-            f"{r['unsubscribes']:,}",
-            f"{r['spam_reports']:,}",
-            f"{r['conversions']:,} ({_pct(r['conversion_rate'])})",
-            f"{r['revenue']:,.2f}",
-        )
-    return table
+        by_trigger.setdefault(r["trigger"], []).append(r)
+    tables = []
+    for trigger, variants in sorted(by_trigger.items()):
+        columns = list(variants)
+        if len(variants) > 1:
+            total = {c: sum(v[c] for v in variants) for c in (*COUNTS, "revenue")}
+            columns.append(with_rates({"trigger": trigger, "variant": "all", **total}))
+        table = Table(title=trigger, title_justify="left", title_style="bold")
+        table.add_column("")
+        for c in columns:
+            table.add_column(c["variant"], justify="right")
+        for label, count, rate in _LINES:
+            table.add_row(label, *(_cell(c, count, rate) for c in columns))
+        tables.append(table)
+    return tables
 
 
 def artifact_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
