@@ -27,7 +27,7 @@ def shoppers_return(
     *,
     seed: int = 42,
     clicked_share: float = 0.4,
-    other_share: float = 0.03,
+    other_share: float = 0.01,
 ) -> Returns:
     """Order the reminded carts of ``clicked_share`` of clickers and ``other_share`` of the rest.
 
