@@ -20,6 +20,7 @@ from sqlalchemy import Engine, insert, select, text
 
 from mailflow.ledger import utcnow
 from mailflow.metrics import DEFAULT_VARIANT, LATE_ORDERS, rollup
+from mailflow.report import COUNTS as COUNT_COLUMNS
 from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import (
     customers,
@@ -34,22 +35,6 @@ from mailflow.webhook.ingest import store_events
 WINDOW = timedelta(hours=72)
 # Sends over the last week, so that recent orders fall in the attribution window.
 T0 = (utcnow() - timedelta(days=6)).replace(minute=0, second=0, microsecond=0)
-COUNT_COLUMNS = (
-    "sent",
-    "delivered",
-    "bounced",
-    "blocked",
-    "dropped",
-    "deferred",
-    "unique_opens",
-    "unique_clicks",
-    "opens",
-    "clicks",
-    "unsubscribes",
-    "spam_reports",
-    "conversions",
-    "orders",
-)
 
 
 @pytest.fixture
