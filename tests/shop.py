@@ -9,7 +9,14 @@ from decimal import Decimal
 from sqlalchemy import Engine, func, insert, select
 
 from mailflow.ledger import utcnow
-from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
+from mailflow.warehouse.schema import (
+    cart_items,
+    carts,
+    customers,
+    order_status_history,
+    orders,
+    products,
+)
 
 
 @dataclass
@@ -89,3 +96,85 @@ def build_shop(engine: Engine, shoppers: list[Shopper], *, first_id: int = 1) ->
                 )
             cart_of[s.email or f"<none {n}>"] = n
     return cart_of
+
+
+@dataclass
+class Customer:
+    """One customer without a cart, who signed up ``signed_up_hours_ago``."""
+
+    email: str | None
+    first_name: str | None = "Ann"
+    locale: str = "en"
+    consent: bool = True
+    timezone: str = "UTC"
+    signed_up_hours_ago: float = 1.0
+
+
+def add_customers(engine: Engine, people: list[Customer], *, first_id: int = 1) -> dict[str, int]:
+    """Insert the customers with ids from ``first_id``; returns the customer id by email."""
+    now = utcnow()
+    ids: dict[str, int] = {}
+    with engine.begin() as conn:
+        for n, c in enumerate(people, first_id):
+            conn.execute(
+                insert(customers).values(
+                    id=n,
+                    email=c.email,
+                    first_name=c.first_name,
+                    locale=c.locale,
+                    timezone=c.timezone,
+                    country=None,
+                    marketing_consent=c.consent,
+                    lifetime_value=Decimal("0"),
+                    created_at=now - timedelta(hours=c.signed_up_hours_ago),
+                )
+            )
+            ids[c.email or f"<none {n}>"] = n
+    return ids
+
+
+def add_order(
+    engine: Engine,
+    *,
+    order_id: int,
+    customer_id: int,
+    changes: list[tuple[str, float]],
+    total: str = "42.00",
+    cart_id: int | None = None,
+) -> None:
+    """An order with its status history: ``(status, hours_ago)`` per change, oldest first.
+
+    The order is created at the first change; ``orders.status`` is the last one.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            insert(orders).values(
+                id=order_id,
+                customer_id=customer_id,
+                cart_id=cart_id,
+                status=changes[-1][0],
+                total=Decimal(total),
+                created_at=now - timedelta(hours=changes[0][1]),
+                updated_at=now - timedelta(hours=changes[-1][1]),
+            )
+        )
+        conn.execute(
+            insert(order_status_history),
+            [
+                {"order_id": order_id, "status": st, "changed_at": now - timedelta(hours=h)}
+                for st, h in changes
+            ],
+        )
+
+
+def add_status_changes(engine: Engine, order_id: int, changes: list[tuple[str, float]]) -> None:
+    """Record further status changes ``(status, hours_ago)`` of an existing order."""
+    now = utcnow()
+    with engine.begin() as conn:
+        for status, hours_ago in changes:
+            conn.execute(
+                insert(order_status_history).values(
+                    order_id=order_id, status=status, changed_at=now - timedelta(hours=hours_ago)
+                )
+            )

@@ -9,9 +9,17 @@ __all__ = ["ContextDefaults", "Trigger", "get_trigger", "registry"]
 
 def registry() -> dict[str, Trigger]:
     """Every known trigger by name."""
-    from mailflow.triggers import abandoned_cart
+    from mailflow.triggers import abandoned_cart, order_status, weekly_digest, welcome
 
-    return {t.name: t for t in (abandoned_cart.TRIGGER,)}
+    return {
+        t.name: t
+        for t in (
+            abandoned_cart.TRIGGER,
+            welcome.TRIGGER,
+            order_status.TRIGGER,
+            weekly_digest.TRIGGER,
+        )
+    }
 
 
 def get_trigger(name: str) -> Trigger:

@@ -1,4 +1,5 @@
-"""A deterministic synthetic shop: customers, products, carts, cart items and orders.
+"""A deterministic synthetic shop: customers, products, carts, cart items, orders and
+their status history.
 
 The data is generated with one ``numpy.random.default_rng(seed)`` stream, vectorised,
 and written with dialect-neutral SQLAlchemy Core ``insert()`` executemany in chunks,
@@ -81,6 +82,8 @@ class SeedProfile:
     ltv_median: float = 120.0  # of the lognormal lifetime value, in currency units
     ltv_sigma: float = 1.1  # ~3 % of buyers end up VIPs (>= 1,000.00)
     history_days: int = 3 * 365  # customers.created_at spread
+    # customers without carts or orders who signed up in the last 48 h (welcome candidates)
+    recent_signup_rate: float = 0.01
     # carts
     cart_rate: float = 0.4  # customers with at least one cart
     extra_carts_mean: float = 0.25  # Poisson mean of further carts per cart owner
@@ -159,6 +162,8 @@ class SeedStats:
     carts: int
     cart_items: int
     orders: int
+    #: Status changes (placed, shipped, delivered, cancelled) of those orders.
+    order_status_history: int
     #: Carts the abandoned_cart trigger finds with its default parameters: idle more than
     #: 4 h and less than 7 days, at least one item, no order from that cart. Consent and
     #: address quality are not considered.
@@ -363,6 +368,7 @@ class _Shop:
     cart_items: dict[str, list[Any]]
     orders: dict[str, list[Any]]
     abandoned_candidates: int
+    order_status_history: dict[str, list[Any]]
 
 
 class _Lookup:
@@ -689,6 +695,14 @@ def _generate(
     order_total = np.concatenate([cart_total[conv].astype(np.int64), plain_total])
     status, order_updated_age = _order_status(rng, profile, order_age)
 
+    # Drawn last, so the rest of the shop is the same with or without them: customers who
+    # never carted or ordered anything, some of whom signed up in the last 48 h.
+    no_activity = np.ones(n_customers, dtype=bool)
+    no_activity[cart_cust] = False
+    no_activity[order_cust] = False
+    recent = _pick(rng, n_customers, profile.recent_signup_rate, eligible=no_activity)
+    cust_age[recent] = rng.integers(MINUTE, 2 * DAY, int(recent.sum()))
+
     in_window = (cart_idle > ABANDONED_MIN_IDLE.total_seconds()) & (
         cart_idle < ABANDONED_MAX_IDLE.total_seconds()
     )
@@ -719,13 +733,54 @@ def _generate(
         "created_at": _timestamps(now, order_age),
         "updated_at": _timestamps(now, order_updated_age),
     }
-    return _Shop(customers, prod.cols, carts, cart_items, orders, candidates)
+    history = _status_history(
+        order_ids=orders["id"],
+        status=status,
+        created_age=order_age,
+        updated_age=order_updated_age,
+        now=now,
+        id0=ids["order_status_history"],
+    )
+    return _Shop(customers, prod.cols, carts, cart_items, orders, candidates, history)
+
+
+def _status_history(
+    *,
+    order_ids: list[int],
+    status: list[str],
+    created_age: np.ndarray,
+    updated_age: np.ndarray,
+    now: datetime,
+    id0: int,
+) -> dict[str, list[Any]]:
+    """Each order's status changes, ending in its current status at ``updated_at``.
+
+    ``placed`` at creation; a delivered order was shipped halfway between creation and
+    delivery. No random draws: the history follows from the orders.
+    """
+    rows: list[tuple[int, str, int]] = []
+    for order_id, st, created, updated in zip(
+        order_ids, status, created_age.tolist(), updated_age.tolist(), strict=True
+    ):
+        rows.append((order_id, "placed", created))
+        if st == "delivered":
+            rows.append((order_id, "shipped", created - (created - updated) // 2))
+        if st != "placed":
+            rows.append((order_id, st, updated))
+    ages = np.array([r[2] for r in rows], dtype=np.int64)
+    return {
+        "id": list(range(id0, id0 + len(rows))),
+        "order_id": [r[0] for r in rows],
+        "status": [r[1] for r in rows],
+        "changed_at": _timestamps(now, ages),
+    }
 
 
 # --- writing ----------------------------------------------------------------------------------
 
 # Children before parents, so deletes never trip a foreign key.
 _SHOP_TABLES: tuple[Table, ...] = (
+    schema.order_status_history,
     schema.cart_items,
     schema.orders,
     schema.carts,
@@ -800,9 +855,10 @@ def seed_shop(
         now: the reference time, naive UTC (an aware datetime is converted to UTC);
             defaults to the current UTC time truncated to the minute.
         profile: the rates to follow, e.g. ``DEFAULT_PROFILE`` or ``BENCH_PROFILE``.
-        replace: delete every row of customers, products, carts, cart_items and orders
-            first (mailflow's ``mf_`` tables are left alone). With ``False`` a whole new
-            shop, catalogue included, is appended after the highest existing ids.
+        replace: delete every row of customers, products, carts, cart_items, orders and
+            order_status_history first (mailflow's ``mf_`` tables are left alone). With
+            ``False`` a whole new shop, catalogue included, is appended after the highest
+            existing ids.
 
     Returns:
         Rows written per table, the abandoned-cart candidates among them and the time.
@@ -833,6 +889,9 @@ def seed_shop(
             "carts": _insert(conn, schema.carts, shop.carts),
             "cart_items": _insert(conn, schema.cart_items, shop.cart_items),
             "orders": _insert(conn, schema.orders, shop.orders),
+            "order_status_history": _insert(
+                conn, schema.order_status_history, shop.order_status_history
+            ),
         }
         _sync_sequences(conn)
     seconds = time.perf_counter() - started
