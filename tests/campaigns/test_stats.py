@@ -1,0 +1,142 @@
+"""Experiment statistics against values worked out by hand, and read from the warehouse."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import insert, select
+
+from mailflow.campaigns.stats import (
+    compare,
+    compute_results,
+    experiment_table,
+    proportion,
+    render_table,
+)
+from mailflow.ledger import utcnow
+from mailflow.warehouse.engine import get_engine
+from mailflow.warehouse.schema import (
+    campaign_assignments,
+    campaign_results,
+    events,
+    send_ledger,
+)
+from tests.campaigns.shop import Person, add_order, add_people
+
+Z95 = 1.959963984540054
+
+
+def wilson(x: int, n: int) -> tuple[float, float]:
+    p = x / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return centre - half, centre + half
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    p = proportion(30, 100)
+    low, high = wilson(30, 100)
+    assert p.rate == 0.3
+    assert p.ci_low == pytest.approx(low, abs=1e-9) and p.ci_high == pytest.approx(high, abs=1e-9)
+    assert p.ci_low == pytest.approx(0.2189, abs=1e-4) and p.ci_high == pytest.approx(
+        0.3958, abs=1e-4
+    )
+    assert proportion(0, 0).rate is None
+
+
+def test_two_proportion_z_test_matches_the_textbook_value() -> None:
+    # 30/100 against 20/100: pooled p 0.25, z = 0.1 / sqrt(0.25 * 0.75 * 0.02) = 1.633.
+    c = compare(30, 100, 20, 100)
+    z = 0.1 / math.sqrt(0.25 * 0.75 * 0.02)
+    assert c.diff == pytest.approx(0.1)
+    assert c.p_value == pytest.approx(math.erfc(z / math.sqrt(2)), abs=1e-12)
+    assert c.p_value == pytest.approx(0.1025, abs=1e-4)
+    assert c.ci_low is not None and c.ci_high is not None and c.ci_low < 0.1 < c.ci_high
+    assert compare(0, 50, 0, 50).p_value == 1.0  # no variance: no evidence of a difference
+
+
+def test_results_per_arm_from_recipient_rows() -> None:
+    import pandas as pd
+
+    now = pd.Timestamp("2025-01-01 10:00")
+    rows = []
+    for arm, n, sent, opened, clicked, converted in (
+        ("control", 100, 100, 40, 10, 8),
+        ("b", 100, 100, 50, 20, 12),
+        ("holdout", 100, 0, 0, 0, 4),
+    ):
+        for i in range(n):
+            rows.append(
+                {
+                    "arm": arm,
+                    "sent": i < sent,
+                    "opened": i < opened,
+                    "clicked": i < clicked,
+                    "converted": i < converted,
+                    "start": now,
+                }
+            )
+    out = {
+        (r["arm"], r["metric"]): r
+        for r in compute_results(pd.DataFrame(rows), campaign="x", variants=["control", "b"])
+    }
+    assert out[("b", "open")]["rate"] == 0.5
+    assert out[("b", "open")]["diff_vs_control"] == pytest.approx(0.1)
+    assert out[("b", "open")]["p_value_vs_control"] == pytest.approx(
+        compare(50, 100, 40, 100).p_value
+    )
+    assert out[("control", "conversion")]["lift_vs_holdout"] == pytest.approx(1.0)  # 8 % vs 4 %
+    assert out[("all_variants", "conversion")]["numerator"] == 20
+    assert out[("all_variants", "conversion")]["lift_vs_holdout"] == pytest.approx(1.5)
+    assert ("holdout", "open") not in out and out[("holdout", "conversion")]["rate"] == 0.04
+
+
+def test_experiment_table_reads_ledger_events_and_orders(env) -> None:  # type: ignore[no-untyped-def]
+    engine = get_engine()
+    ids = add_people(engine, [Person(f"c{i}@example.com") for i in range(6)])
+    t0 = utcnow() - timedelta(days=5)
+    arms = {ids[0]: "control", ids[1]: "control", ids[2]: "b", ids[3]: "b",
+            ids[4]: "holdout", ids[5]: "holdout"}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(
+            insert(campaign_assignments),
+            [
+                {"campaign": "exp", "customer_id": c, "arm": a, "assigned_at": t0}
+                for c, a in arms.items()
+            ],
+        )
+        ledger_ids = {}
+        for cid, arm in arms.items():
+            if arm == "holdout":
+                continue
+            ledger_ids[cid] = conn.execute(
+                insert(send_ledger)
+                .values(dedupe_key=f"campaign:exp:{cid}", trigger="campaign:exp", customer_id=cid,
+                        email=f"x{cid}@example.com", variant=arm, status="sent", context={},
+                        created_at=t0, updated_at=t0, sent_at=t0 + timedelta(hours=1))
+                .returning(send_ledger.c.id)
+            ).scalar_one()  # fmt: skip
+        for n, (cid, event) in enumerate([(ids[0], "open"), (ids[0], "open"), (ids[2], "click")]):
+            conn.execute(
+                insert(events).values(natural_key=f"n{n}", event=event, occurred_at=t0,
+                                      ledger_id=ledger_ids[cid], raw={}, received_at=t0)
+            )  # fmt: skip
+    add_order(engine, ids[0], t0 + timedelta(hours=10))  # control: converts
+    add_order(engine, ids[1], t0 - timedelta(hours=1))  # before the send: does not count
+    add_order(engine, ids[2], t0 + timedelta(hours=80))  # after 72 h: does not count
+    add_order(engine, ids[4], t0 + timedelta(hours=2))  # holdout: from assignment time
+
+    rows = experiment_table(engine, "exp", variants=["control", "b"])
+    got = {(r["arm"], r["metric"]): (r["numerator"], r["denominator"]) for r in rows}
+    assert got[("control", "open")] == (1, 2)
+    assert got[("b", "open")] == (1, 2)  # a click counts as an open
+    assert got[("b", "click")] == (1, 2)
+    assert got[("control", "conversion")] == (1, 2)
+    assert got[("b", "conversion")] == (0, 2)
+    assert got[("holdout", "conversion")] == (1, 2)
+    assert got[("all_variants", "sent")] == (4, 4)
+    with engine.connect() as conn:
+        assert len(conn.execute(select(campaign_results)).all()) == len(rows)
+    assert render_table(rows).row_count == len(rows)
