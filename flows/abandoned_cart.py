@@ -5,18 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.pipeline import run_trigger
+from mailflow.runners import configured_task_runner
 from tasks.record import RunSummary
 
 
 @flow(
     name="abandoned-cart",
     description="Email customers whose cart has been idle for a while and never ordered.",
-    # A few batches in flight at once: each waits mostly on the network.
-    task_runner=ThreadPoolTaskRunner(max_workers=4),  # type: ignore[arg-type]  # Prefect generic
+    # Threads of this process by default (a few batches in flight, each waiting mostly
+    # on the network), or a Dask cluster: MAILFLOW_TASK_RUNNER, read at run start.
+    task_runner=configured_task_runner(),
 )
 def abandoned_cart(
     idle_hours: Annotated[float, Field(gt=0, le=168)] = 4.0,

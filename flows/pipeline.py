@@ -22,6 +22,35 @@ from tasks.send import forget_abort, get_renderer, send_batch, unsubscribe_setti
 from tasks.validate import validate_recipients
 
 
+def send_planned(
+    trigger_name: str, batches: list[list[int]], run_id: str | None
+) -> MailflowError | None:
+    """Submit one send task per batch of ledger ids; the run's error, if any.
+
+    Shared by every sending flow (triggers and campaigns).
+    """
+    settings = get_settings()
+    sender = send_batch.with_options(
+        retries=settings.send_task_retries,
+        retry_delay_seconds=settings.send_task_retry_delays_s,
+    )
+    error: MailflowError | None = None
+    futures = [sender.submit(trigger_name, ids, n, run_id) for n, ids in enumerate(batches, 1)]
+    for future in futures:
+        future.wait()
+        state = future.state
+        if not state.is_failed():
+            continue
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, MailflowError):
+            exc = MailflowError(f"a send batch failed unexpectedly: {exc!r}")
+        # A refused key outranks everything; otherwise the first error is reported.
+        if error is None or isinstance(exc, FatalRunError):
+            error = exc
+    forget_abort(run_id)
+    return error
+
+
 def run_trigger(
     trigger_name: str,
     params: dict[str, Any],
@@ -63,24 +92,7 @@ def run_trigger(
     else:
         batches = plan_messages(trigger_name, validated.frame, params, run_id, batch_size)
         summary.planned = sum(len(b) for b in batches)
-        settings = get_settings()
-        sender = send_batch.with_options(
-            retries=settings.send_task_retries,
-            retry_delay_seconds=settings.send_task_retry_delays_s,
-        )
-        futures = [sender.submit(trigger_name, ids, n, run_id) for n, ids in enumerate(batches, 1)]
-        for future in futures:
-            future.wait()
-            state = future.state
-            if not state.is_failed():
-                continue
-            exc = state.result(raise_on_failure=False)
-            if not isinstance(exc, MailflowError):
-                exc = MailflowError(f"a send batch failed unexpectedly: {exc!r}")
-            # A refused key outranks everything; otherwise the first error is reported.
-            if error is None or isinstance(exc, FatalRunError):
-                error = exc
-        forget_abort(run_id)
+        error = send_planned(trigger_name, batches, run_id)
     if error is not None:
         summary.error = str(error)
     summary = record_summary(summary, started)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,13 +34,15 @@ def _url(warehouse: str | None) -> str:
     return warehouse or get_settings().warehouse_url
 
 
-def _mount_sink() -> None:
+def _mount_subcommands() -> None:
+    from mailflow.campaigns.cli import campaign_app
     from mailflow.sink.cli import sink_app
 
     app.add_typer(sink_app, name="sink", help="The local SendGrid API (serve and inspect).")
+    app.add_typer(campaign_app, name="campaign")
 
 
-_mount_sink()
+_mount_subcommands()
 
 
 @db_app.command("upgrade")
@@ -105,6 +108,34 @@ def print_summary(title: str, summary: object) -> None:
     console.print(table)
 
 
+def print_trigger_summaries(summaries: list[Any]) -> None:
+    """One line per run: what it found, left out and sent."""
+    table = Table(title="one run of each")
+    for col in ("trigger", "found", "excluded", "quarantined", "sent", "failed"):
+        table.add_column(col, justify="left" if col in ("trigger", "excluded") else "right")
+    for s in summaries:
+        excluded = ", ".join(f"{k} {v:,}" for k, v in sorted(s.excluded.items())) or "–"
+        table.add_row(
+            s.trigger,
+            f"{s.found:,}",
+            excluded,
+            f"{s.quarantined_rows:,}",
+            f"{s.sent:,}",
+            f"{s.failed_total:,}",
+        )
+    console.print(table)
+
+
+def _wait_for_events(sink: Any, timeout: float = 60.0) -> None:
+    """Until the local SendGrid API has posted every engagement event it generated."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ev = sink.stats().get("events", {})
+        if ev.get("generated", 0) and not ev.get("pending", 0):
+            return
+        time.sleep(0.2)
+
+
 def print_counts(engine: object) -> None:
     """Events by type and suppressions by reason, as stored in the warehouse."""
     from sqlalchemy import Engine, func, select
@@ -138,9 +169,11 @@ def demo(
 ) -> None:
     """Everything end to end on embedded defaults: no account, no network.
 
-    Seeds a fresh SQLite warehouse (data/demo.db), starts the local SendGrid API,
-    runs the abandoned-cart flow through Prefect, then runs it again to show that
-    nothing is sent twice.
+    Seeds a fresh SQLite warehouse (data/demo.db), starts the local SendGrid API and
+    the signed event webhook, runs the abandoned-cart flow through Prefect, shows the
+    events and suppressions that came back, runs it again to show that nothing is sent
+    twice, runs the welcome, order-status and weekly-digest flows once, then rolls
+    everything up into the metric tables and charts the funnel.
     """
     db_path = DATA_DIR / "demo.db"
     for suffix in ("", "-wal", "-shm"):
@@ -203,32 +236,37 @@ def demo(
         print_summary(f"first run ({took:.1f}s)", first)
 
         console.rule("[bold]4. engagement events: SendGrid API → signed webhook → warehouse")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ev = sink.stats().get("events", {})
-            if ev.get("generated", 0) and not ev.get("pending", 0):
-                break
-            time.sleep(0.2)
+        _wait_for_events(sink)
         print_counts(webhook_engine)
+        from mailflow.warehouse.returns import shoppers_return
+
+        came_back = shoppers_return(webhook_engine, seed=seed)
+        console.print(
+            f"{came_back.orders:,} reminded shoppers came back and ordered their cart "
+            f"(simulated, {came_back.revenue:,.2f} in all)"
+        )
 
         console.rule("[bold]5. the same flow again: nothing is sent twice")
         second = abandoned_cart()
         print_summary("second run", second)
+
+        console.rule("[bold]6. more triggers: welcome, order status, weekly digest")
+        from flows.order_status import demo_run as order_status_demo
+        from flows.weekly_digest import demo_run as weekly_digest_demo
+        from flows.welcome import demo_run as welcome_demo
+
+        others = [welcome_demo(), order_status_demo(), weekly_digest_demo()]
+        _wait_for_events(sink)
+        print_trigger_summaries(others)
         accepted = sink.stats().get("accepted", 0)
 
-    console.rule("[bold]6. engagement metrics: shoppers come back, the rollup adds it up")
+    console.rule("[bold]7. engagement metrics: the rollup adds it all up")
     from datetime import timedelta
 
     from flows.engagement_rollup import engagement_rollup
     from mailflow.ledger import utcnow
     from mailflow.report import Period, funnel_chart, metrics_tables, period_metrics
-    from mailflow.warehouse.returns import shoppers_return
 
-    came_back = shoppers_return(webhook_engine, seed=seed)
-    console.print(
-        f"{came_back.orders:,} reminded shoppers came back and ordered their cart "
-        f"(simulated, {came_back.revenue:,.2f} in all)"
-    )
     engagement_rollup()
     today = utcnow().date()
     # Yesterday too, in case the demo ran across midnight UTC.
@@ -244,8 +282,8 @@ def demo(
 
     console.rule("[bold]where to look next")
     console.print(
-        f"- the local SendGrid API accepted {accepted:,} messages "
-        f"(first run sent {first.sent:,}, second run {second.sent:,})\n"
+        f"- the local SendGrid API accepted {accepted:,} messages in all (abandoned cart: "
+        f"first run {first.sent:,}, second run {second.sent:,})\n"
         "- ledger, one row per message:  sqlite3 data/demo.db "
         '"select status, count(*) from mf_send_ledger group by status"\n'
         "- engagement events and suppressions: tables mf_events, mf_suppressions\n"
@@ -295,15 +333,36 @@ def webhook(
 
 @app.command("run")
 def run(
-    trigger: Annotated[str, typer.Argument(help="Trigger to run, e.g. abandoned_cart.")],
+    trigger: Annotated[
+        str,
+        typer.Argument(help="abandoned_cart, welcome, order_status, weekly_digest or rollup."),
+    ],
     batch_size: Annotated[int, typer.Option(min=1, max=1000)] = 500,
 ) -> None:
-    """Run one trigger's flow now, against the configured warehouse and SendGrid host."""
+    """Run one flow now, with its default parameters, against the configured warehouse."""
     from flows.abandoned_cart import abandoned_cart
+    from flows.engagement_rollup import engagement_rollup
+    from flows.order_status import order_status
+    from flows.weekly_digest import weekly_digest
+    from flows.welcome import welcome
 
-    flows = {"abandoned_cart": abandoned_cart}
+    flows: dict[str, Callable[..., Any]] = {
+        "abandoned_cart": abandoned_cart,
+        "welcome": welcome,
+        "order_status": order_status,
+        "weekly_digest": weekly_digest,
+    }
+    if trigger == "rollup":
+        result = engagement_rollup()
+        console.print(
+            f"rollup ({'full' if result['full'] else 'incremental'}): {result['messages']:,} "
+            f"messages over {len(result['days'])} send days; see mailflow report"
+        )
+        return
     if trigger not in flows:
-        raise typer.BadParameter(f"unknown trigger {trigger!r}; known: {', '.join(flows)}")
+        raise typer.BadParameter(
+            f"unknown trigger {trigger!r}; known: {', '.join(flows)}, rollup", param_hint="TRIGGER"
+        )
     summary = flows[trigger](batch_size=batch_size)
     print_summary(trigger, summary)
 
@@ -426,6 +485,10 @@ def report(
     ] = None,
     until: Annotated[str | None, typer.Option(help="Last send day, YYYY-MM-DD.")] = None,
     trigger: Annotated[str | None, typer.Option(help="Only this trigger.")] = None,
+    campaign: Annotated[
+        str | None,
+        typer.Option(help="A campaign's experiment results (per variant and holdout) instead."),
+    ] = None,
     chart: Annotated[Path, typer.Option(help="Where to write the funnel chart (PNG).")] = DATA_DIR
     / "funnel.png",
     rollup_first: Annotated[
@@ -459,6 +522,9 @@ def report(
     try:
         if rollup_first:
             rollup(engine)
+        if campaign is not None:
+            _experiment_report(engine, campaign)
+            return
         rows = period_metrics(engine, period, trigger=trigger)
     finally:
         engine.dispose()
@@ -469,7 +535,21 @@ def report(
     console.print(title)
     console.print(*metrics_tables(rows))
     written = funnel_chart(rows, chart, title=title)
-    console.print(f"funnel chart: {written}")
+    console.print(f"funnel chart: {_shown(written)}")
+
+
+def _experiment_report(engine: Any, campaign: str) -> None:
+    from mailflow.campaigns.stats import experiment_table, render_table
+
+    rows = experiment_table(engine, campaign)
+    if not rows:
+        raise typer.BadParameter(
+            f"campaign {campaign!r} has no recipients yet; check the name "
+            "(mailflow campaign preview FILE shows it) or send it first",
+            param_hint="--campaign",
+        )
+    console.print(render_table(rows, title=f"campaign {campaign}: results per arm"))
+    console.print("stored in table mf_campaign_results")
 
 
 def main() -> None:

@@ -8,26 +8,64 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, Select, case, exists, false, func, literal, null, select
+from sqlalchemy import Connection, Select, case, exists, false, func, literal, null, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from mailflow.settings import get_settings
 from mailflow.triggers.base import Trigger
-from mailflow.warehouse.schema import send_ledger, suppressions
+from mailflow.warehouse.schema import campaigns, send_ledger, suppressions
 
 #: Ledger states that count as "this customer has heard from this trigger".
 _NOTIFIED_STATES = ("planned", "sending", "sent", "unknown")
+
+#: Suppression reasons that opt an address out of marketing only. Transactional mail (an
+#: order update, a welcome after sign-up) still goes to such an address: the customer said
+#: "no more promotions", not "do not tell me my parcel shipped". Every other reason — hard
+#: bounces (``bounce``), drops for a bad address (``dropped``), spam complaints
+#: (``spamreport``) and any manual entry — stops transactional mail too: the address is dead
+#: or the recipient treats us as spam, and sending anyway hurts every sender's reputation.
+MARKETING_ONLY_SUPPRESSIONS = ("unsubscribe", "group_unsubscribe")
 
 EXCLUSION_REASONS = (
     "already_notified",
     "recently_notified",
     "suppressed",
     "no_consent",
+    "frequency_capped",
     "superseded",
 )
+
+#: The frequency cap's rolling window: at most ``Settings.frequency_cap`` marketing
+#: messages per customer within it, across every flow (triggers and campaigns).
+FREQUENCY_WINDOW = timedelta(days=7)
+
+
+def recent_marketing_count(customer_id: Any, now: datetime) -> Any:
+    """Marketing messages planned or sent to ``customer_id`` in the window (scalar subquery).
+
+    Marketing means a registered trigger of kind ``marketing`` or a campaign stored as
+    ``marketing`` in ``mf_campaigns``; transactional messages never count.
+    """
+    from mailflow.triggers import registry
+
+    names = sorted(t.name for t in registry().values() if t.kind == "marketing")
+    marketing_campaigns = select(campaigns.c.trigger).where(campaigns.c.kind == "marketing")
+    cols = send_ledger.c
+    return (
+        select(func.count())
+        .select_from(send_ledger)
+        .where(
+            cols.customer_id == customer_id,
+            cols.created_at >= now - FREQUENCY_WINDOW,
+            cols.status.in_(_NOTIFIED_STATES),
+            or_(cols.trigger.in_(names), cols.trigger.in_(marketing_campaigns)),
+        )
+        .scalar_subquery()
+    )
 
 
 @dataclass(frozen=True)
@@ -75,11 +113,15 @@ def build_queries(trigger: Trigger, now: datetime, params: Mapping[str, Any]) ->
                 "recently_notified",
             )
         )
-    whens.append(
-        (exists().where(suppressions.c.email == func.lower(func.trim(r.email))), "suppressed")
-    )
+    suppressed = [suppressions.c.email == func.lower(func.trim(r.email))]
+    if trigger.kind != "marketing":
+        suppressed.append(suppressions.c.reason.not_in(MARKETING_ONLY_SUPPRESSIONS))
+    whens.append((exists().where(*suppressed), "suppressed"))
     if trigger.kind == "marketing":
         whens.append((r.marketing_consent == false(), "no_consent"))
+        cap = get_settings().frequency_cap
+        if cap > 0:
+            whens.append((recent_marketing_count(r.customer_id, now) >= cap, "frequency_capped"))
     whens.append((r.customer_rank > 1, "superseded"))
     reason = case(*whens, else_=null()).label("exclusion")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,6 +101,41 @@ class Settings(BaseSettings):
     )
     send_task_retry_delays_s: list[float] = Field(
         default=[2.0, 10.0, 30.0], description="Delay before each batch retry (seconds)."
+    )
+    # --- campaigns (mailflow/campaigns) and the frequency cap (mailflow/extract.py) ---
+    frequency_cap: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="At most this many marketing messages per customer per rolling 7 days, "
+        "across every flow (0 = no cap). Transactional messages are never capped.",
+    )
+    campaign_preview_dir: Path = Field(
+        default=DATA_DIR / "previews",
+        description="Where campaign previews write their sample messages (HTML and text).",
+    )
+    campaign_approval_poll_s: int = Field(
+        default=10, ge=1, le=300, description="How often a paused campaign checks for approval."
+    )
+    # --- where send batches run (mailflow/runners.py) ---
+    task_runner: Literal["thread", "dask"] = Field(
+        default="thread",
+        description="Where a sending flow runs its render/send batches: 'thread' (threads "
+        "of the flow's process) or 'dask' (a Dask cluster, see MAILFLOW_DASK_ADDRESS).",
+    )
+    task_threads: int = Field(
+        default=4, ge=1, le=64, description="Batches in flight at once with the thread runner."
+    )
+    dask_address: str | None = Field(
+        default=None,
+        description="Scheduler of an existing Dask cluster (tcp://host:8786). Unset: each "
+        "flow run starts a local cluster of MAILFLOW_DASK_WORKERS processes.",
+    )
+    dask_workers: int = Field(
+        default=2, ge=1, le=256, description="Worker processes of the local Dask cluster."
+    )
+    dask_threads_per_worker: int = Field(
+        default=2, ge=1, le=64, description="Batches in flight per local Dask worker process."
     )
 
     @field_validator("sendgrid_host")

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -263,3 +264,109 @@ rollup_state = Table(
 
 LEDGER_STATES = ("planned", "sending", "sent", "failed", "skipped", "unknown")
 TERMINAL_STATES = ("sent", "failed", "skipped", "unknown")
+
+# --- more triggers (migration 0004) ---------------------------------------------------------
+
+#: Source data: one row per change of an order's status (``placed``, ``shipped``,
+#: ``delivered``, ``cancelled``, ...), as a shop's order system records it. ``orders.status``
+#: is the latest of them; the ``order_status`` trigger reads this history.
+order_status_history = Table(
+    "order_status_history",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("order_id", Id, ForeignKey("orders.id"), nullable=False, index=True),
+    Column("status", String(32), nullable=False),
+    Column("changed_at", DateTime, nullable=False, index=True),
+)
+
+#: Where an event-based trigger got to: one row per trigger. ``watermark`` is the start
+#: (naive UTC) of the last run that finished cleanly; the next run scans from it minus the
+#: trigger's lookback. Set it back to replay; the dedupe key keeps a replay from resending.
+watermarks = Table(
+    "mf_watermarks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("watermark", DateTime, nullable=False),
+    Column("flow_run_id", String(64), nullable=True),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+# The welcome trigger scans new sign-ups, the weekly digest the customers of due timezones.
+Index("ix_customers_created_at", customers.c.created_at)
+Index("ix_customers_timezone", customers.c.timezone)
+
+# --- campaigns (mailflow/campaigns; migration 0005) --------------------------------------------
+
+#: One row per campaign name: its latest definition. ``trigger`` (``campaign:<name>``) is
+#: the ledger's ``trigger`` for the campaign's messages; ``kind`` decides consent, the
+#: unsubscribe headers and the frequency cap.
+campaigns = Table(
+    "mf_campaigns",
+    metadata,
+    Column("name", String(48), primary_key=True),
+    Column("trigger", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("template", String(64), nullable=False),
+    Column("definition", JSON, nullable=False),
+    Column("definition_hash", String(16), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+#: One row per approval request (a campaign run that reached its preview and paused):
+#: ``decision`` is ``pending``, ``approved``, ``rejected`` or ``timed_out``; who decided,
+#: when, their comment, and the preview's counts they saw.
+campaign_approvals = Table(
+    "mf_campaign_approvals",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("campaign", String(48), nullable=False, index=True),
+    Column("flow_run_id", String(64), nullable=True, index=True),
+    Column("definition_hash", String(16), nullable=False),
+    Column("decision", String(16), nullable=False),
+    Column("approver", String(200), nullable=True),
+    Column("comment", Text, nullable=True),
+    Column("preview", JSON, nullable=True),
+    Column("requested_at", DateTime, nullable=False),
+    Column("decided_at", DateTime, nullable=True),
+)
+
+#: One row per (campaign, customer) ever assigned: the arm (a variant name or
+#: ``holdout``) and when. Holdout rows are never sent; they are the comparison group.
+#: The variant rows' messages are in mf_send_ledger under ``campaign:<name>:<customer_id>``.
+campaign_assignments = Table(
+    "mf_campaign_assignments",
+    metadata,
+    Column("campaign", String(48), primary_key=True),
+    Column("customer_id", Id, primary_key=True, autoincrement=False),
+    Column("arm", String(32), nullable=False),
+    Column("assigned_at", DateTime, nullable=False),
+    Column("flow_run_id", String(64), nullable=True),
+    Index("ix_mf_campaign_assignments_campaign_arm", "campaign", "arm"),
+)
+
+#: One row per (campaign, arm, metric): the experiment's results, rebuilt on demand.
+#: ``arm`` is a variant, ``holdout``, or ``all_variants`` (the campaign as a whole);
+#: ``metric`` is ``sent``, ``open``, ``click`` or ``conversion``. Rates are
+#: numerator / denominator with a 95 % Wilson interval; the differences are against the
+#: control arm (the first variant) and the holdout, with two-proportion z-test p-values.
+campaign_results = Table(
+    "mf_campaign_results",
+    metadata,
+    Column("campaign", String(48), primary_key=True),
+    Column("arm", String(32), primary_key=True),
+    Column("metric", String(16), primary_key=True),
+    Column("numerator", Integer, nullable=False),
+    Column("denominator", Integer, nullable=False),
+    Column("rate", Float, nullable=True),
+    Column("ci_low", Float, nullable=True),
+    Column("ci_high", Float, nullable=True),
+    Column("control_arm", String(32), nullable=True),
+    Column("diff_vs_control", Float, nullable=True),
+    Column("diff_ci_low", Float, nullable=True),
+    Column("diff_ci_high", Float, nullable=True),
+    Column("p_value_vs_control", Float, nullable=True),
+    Column("lift_vs_holdout", Float, nullable=True),
+    Column("p_value_vs_holdout", Float, nullable=True),
+    Column("computed_at", DateTime, nullable=False),
+)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete
+from sqlalchemy import Connection, and_, delete, update
 
+from mailflow.extract import MARKETING_ONLY_SUPPRESSIONS
 from mailflow.ledger import insert_ignoring_conflicts, utcnow
 from mailflow.warehouse.schema import events as events_table
 from mailflow.warehouse.schema import suppressions
@@ -59,7 +60,8 @@ def _text(value: Any, limit: int) -> str | None:
     # Never reject an event over a field's shape: coerce and clip to the column size.
     if value is None or isinstance(value, (dict, list)):
         return None
-    text = str(value).strip()
+    # PostgreSQL text cannot hold NUL; one such byte would fail the whole batch forever.
+    text = str(value).replace("\x00", "").strip()
     return text[:limit] if text else None
 
 
@@ -190,5 +192,17 @@ def _apply_suppressions(conn: Connection, rows: Sequence[Mapping[str, Any]], now
         result = conn.execute(
             stmt, {"email": email, "reason": reason, "source": source, "created_at": now}
         )
-        added += len(result.all())
+        if result.all():
+            added += 1
+        elif reason not in MARKETING_ONLY_SUPPRESSIONS:
+            # An address that unsubscribed and then bounced or complained must stop
+            # transactional mail too: the stronger reason replaces the marketing-only one.
+            conn.execute(
+                update(suppressions)
+                .where(
+                    suppressions.c.email == email,
+                    suppressions.c.reason.in_(MARKETING_ONLY_SUPPRESSIONS),
+                )
+                .values(reason=reason, source=source, created_at=now)
+            )
     return added

@@ -247,6 +247,29 @@ def test_group_resubscribe_lifts_only_a_group_unsubscribe(
     assert "g@example.com" not in suppressed(engine)
 
 
+def test_a_bounce_after_an_unsubscribe_becomes_the_reason(
+    client: TestClient, engine: Engine
+) -> None:
+    # An unsubscribe stops marketing only; a later hard bounce or complaint must stop
+    # transactional mail too, so it replaces the reason. The reverse never happens.
+    post(
+        client,
+        [
+            event("unsubscribe", 1, email="u@example.com"),
+            event("bounce", 2, email="u@example.com", type="bounce", reason="550 unknown user"),
+            event("spamreport", 3, email="s@example.com"),
+            event("unsubscribe", 4, email="s@example.com"),
+            event("group_unsubscribe", 5, email="b@example.com", asm_group_id=7),
+            event("bounce", 6, email="b@example.com", type="blocked", reason="try later"),
+        ],
+    )
+    assert suppressed(engine) == {
+        "u@example.com": "bounce",
+        "s@example.com": "spamreport",
+        "b@example.com": "group_unsubscribe",  # a block is no reason to suppress
+    }
+
+
 def test_unknown_event_types_are_stored_with_raw_fields(client: TestClient, engine: Engine) -> None:
     odd = event("machine_opened", 1, brand_new_field={"nested": [1, 2]}, timestamp="not-a-time")
     resp = post(client, [odd])
