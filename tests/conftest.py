@@ -1,8 +1,9 @@
-"""Fixtures that build real things: a migrated SQLite warehouse, a running local
-SendGrid API, and Prefect's test harness (a temporary Prefect server)."""
+"""Fixtures that build real things: a migrated warehouse on SQLite and on PostgreSQL,
+a running local SendGrid API, and Prefect's test harness (a temporary Prefect server)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,12 @@ with warnings.catch_warnings():
 from mailflow.settings import get_settings  # noqa: E402
 from mailflow.warehouse.engine import dispose_engines  # noqa: E402
 from mailflow.warehouse.migrate import upgrade  # noqa: E402
+from tests.pgserver import (  # noqa: E402
+    DatabaseFactory,
+    PostgresUnavailable,
+    postgres_admin_url,
+    postgres_required,
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +44,44 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def warehouse_url(tmp_path: Path) -> Iterator[str]:
-    """A freshly migrated SQLite warehouse file, removed afterwards."""
-    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
-    upgrade(url)
-    yield url
-    dispose_engines()
+@pytest.fixture(scope="session")
+def postgres_databases() -> Iterator[DatabaseFactory]:
+    """Fresh migrated PostgreSQL databases, on a throwaway server started for the session.
+
+    ``MAILFLOW_TEST_POSTGRES_URL`` points at an existing server instead. Without either,
+    PostgreSQL tests are skipped, or fail when ``MAILFLOW_REQUIRE_POSTGRES=1`` (CI).
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            admin_url = stack.enter_context(postgres_admin_url())
+            factory = DatabaseFactory(admin_url, upgrade)
+        except PostgresUnavailable as exc:
+            if postgres_required():
+                pytest.fail(
+                    f"PostgreSQL is required (MAILFLOW_REQUIRE_POSTGRES=1): {exc}", pytrace=False
+                )
+            pytest.skip(f"no PostgreSQL: {exc}")
+        stack.callback(factory.close)
+        yield factory
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a freshly migrated warehouse, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+        upgrade(url)
+        yield url
+        dispose_engines()
+        return
+    databases: DatabaseFactory = request.getfixturevalue("postgres_databases")
+    url = databases.create()
+    try:
+        yield url
+    finally:
+        # Pooled connections first, so the drop rarely has anyone to force out.
+        dispose_engines()
+        databases.drop(url)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,7 +21,6 @@ from mailflow.sink.events import DEFAULT_CLICK_URL, events_for, load_private_key
 from mailflow.sink.store import record_from_payload
 from mailflow.sink.testing import SinkHandle, running_sink
 from mailflow.warehouse.engine import make_engine
-from mailflow.warehouse.migrate import upgrade
 from mailflow.warehouse.schema import events, suppressions
 from mailflow.webhook import signing
 from mailflow.webhook.server import running_webhook
@@ -55,10 +53,8 @@ def pem_keypair() -> tuple[str, str]:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path / 'warehouse.db'}"
-    upgrade(url)
-    eng = make_engine(url)
+def engine(warehouse_url: str) -> Iterator[Engine]:
+    eng = make_engine(warehouse_url)
     yield eng
     eng.dispose()
 
