@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
@@ -57,44 +58,49 @@ def build_shop(engine: Engine, shoppers: list[Shopper], *, first_id: int = 1) ->
                     for i in range(1, 4)
                 ],
             )
+        rows: dict[Any, list[dict[str, Any]]] = {
+            customers: [],
+            carts: [],
+            cart_items: [],
+            orders: [],
+        }
         for n, s in enumerate(shoppers, first_id):
-            conn.execute(
-                insert(customers).values(
-                    id=n,
-                    email=s.email,
-                    first_name=s.first_name,
-                    locale=s.locale,
-                    timezone="UTC",
-                    country="US",
-                    marketing_consent=s.consent,
-                    lifetime_value=Decimal(s.lifetime_value),
-                    created_at=now - timedelta(days=100),
-                )
+            rows[customers].append(
+                {
+                    "id": n,
+                    "email": s.email,
+                    "first_name": s.first_name,
+                    "locale": s.locale,
+                    "timezone": "UTC",
+                    "country": "US",
+                    "marketing_consent": s.consent,
+                    "lifetime_value": Decimal(s.lifetime_value),
+                    "created_at": now - timedelta(days=100),
+                }
             )
             at = now - timedelta(hours=s.idle_hours)
-            conn.execute(insert(carts).values(id=n, customer_id=n, created_at=at, updated_at=at))
-            for product_id, qty, price in s.items:
-                conn.execute(
-                    insert(cart_items).values(
-                        cart_id=n,
-                        product_id=product_id,
-                        quantity=qty,
-                        unit_price=Decimal(price),
-                    )
-                )
+            rows[carts].append({"id": n, "customer_id": n, "created_at": at, "updated_at": at})
+            rows[cart_items] += [
+                {"cart_id": n, "product_id": pid, "quantity": qty, "unit_price": Decimal(price)}
+                for pid, qty, price in s.items
+            ]
             if s.ordered:
-                conn.execute(
-                    insert(orders).values(
-                        id=n,
-                        customer_id=n,
-                        cart_id=n,
-                        status="placed",
-                        total=Decimal("10"),
-                        created_at=now,
-                        updated_at=now,
-                    )
+                rows[orders].append(
+                    {
+                        "id": n,
+                        "customer_id": n,
+                        "cart_id": n,
+                        "status": "placed",
+                        "total": Decimal("10"),
+                        "created_at": now,
+                        "updated_at": now,
+                    }
                 )
             cart_of[s.email or f"<none {n}>"] = n
+        # One executemany per table: a 10,000-shopper shop in well under a second.
+        for table, values in rows.items():
+            if values:
+                conn.execute(insert(table), values)
     return cart_of
 
 

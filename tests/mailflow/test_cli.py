@@ -56,18 +56,24 @@ def test_webhook_command_serves_and_stores_signed_events(tmp_path: Path) -> None
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MAILFLOW_WEBHOOK_PUBLIC_KEY": public_b64}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailflow.cli", "webhook", "--port", str(port), "--warehouse", url],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "webhook.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailflow.cli", "webhook", "--port", str(port)]
+            + ["--warehouse", url],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, trust_env=False) as client:
-            wait_healthy(
-                client, what="mailflow webhook", alive=lambda: proc.poll() is None, timeout=60
-            )
+            try:
+                wait_healthy(
+                    client, what="mailflow webhook", alive=lambda: proc.poll() is None, timeout=60
+                )
+            except Exception as exc:
+                raise AssertionError(f"{exc}\n--- its output ---\n{log.read_text()}") from exc
         body = orjson.dumps(
             [
                 {
