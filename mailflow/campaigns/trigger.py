@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from mailflow.errors import ConfigError
 from mailflow.settings import get_settings
 from mailflow.triggers import get_trigger
 from mailflow.triggers.base import ContextDefaults, Trigger
+from mailflow.triggers.context import customer_context, money, shop_context, text_or_none
 from mailflow.validation import Rule, recipient_suite
 from mailflow.warehouse.schema import campaigns, customers
 
@@ -54,10 +54,6 @@ def render_locale(locale: Any, available: frozenset[str], default: str) -> str:
             if candidate in available:
                 return candidate
     return default
-
-
-def _money(value: Any) -> str:
-    return f"{Decimal(str(value)).quantize(Decimal('0.01'))}"
 
 
 def campaign_trigger(campaign: Campaign) -> Trigger:
@@ -94,12 +90,7 @@ def campaign_trigger(campaign: Campaign) -> Trigger:
         available = template_locales(campaign.template)
         default = campaign.default_locale
         by_arm = {v.name: v for v in campaign.variants}
-        shop_ctx = {
-            "name": shop.shop_name,
-            "url": shop.shop_url,
-            "support_email": shop.support_email,
-            "address": shop.shop_address,
-        }
+        shop_ctx = shop_context(shop)
         window = campaign.send_window
         contexts = []
         for row in frame.itertuples(index=False):
@@ -107,14 +98,12 @@ def campaign_trigger(campaign: Campaign) -> Trigger:
             arm = by_arm[str(row.arm)]
             tv = row.template_variant if isinstance(row.template_variant, str) else None
             ctx: dict[str, Any] = {
-                "customer": {
-                    "id": int(row.customer_id),
-                    "first_name": row.first_name if isinstance(row.first_name, str) else None,
-                    "email": row.email,
-                    "locale": locale,
-                    "country": row.country if isinstance(row.country, str) else None,
-                    "lifetime_value": _money(row.lifetime_value),
-                },
+                "customer": customer_context(
+                    row,
+                    locale=locale,
+                    country=text_or_none(row.country),
+                    lifetime_value=money(row.lifetime_value),
+                ),
                 "campaign": {
                     "name": campaign.name,
                     "variant": arm.name,

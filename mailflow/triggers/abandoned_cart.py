@@ -16,11 +16,11 @@ import pandas as pd
 from sqlalchemy import Connection, String, cast, exists, func, literal, select
 
 from mailflow.triggers.base import ContextDefaults, Trigger
+from mailflow.triggers.context import cart_lines, customer_context, money, shop_context
 from mailflow.validation import Rule, recipient_suite
-from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
+from mailflow.warehouse.schema import cart_items, carts, customers, orders
 
 NAME = "abandoned_cart"
-_ITEM_CHUNK = 2_000
 
 
 def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
@@ -63,67 +63,25 @@ def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
     )
 
 
-def _money(value: Any) -> str:
-    return f"{Decimal(str(value)).quantize(Decimal('0.01'))}"
-
-
 def build_contexts(
     conn: Connection, frame: pd.DataFrame, shop: ContextDefaults
 ) -> list[dict[str, Any]]:
     """One render context per row: the customer, the cart with its items, the shop."""
-    cart_ids = [int(x) for x in frame["cart_id"].tolist()]
-    items: dict[int, list[dict[str, Any]]] = {}
-    stmt = (
-        select(
-            cart_items.c.cart_id,
-            products.c.name,
-            products.c.image_url,
-            cart_items.c.quantity,
-            cart_items.c.unit_price,
-        )
-        .join(products, products.c.id == cart_items.c.product_id)
-        .order_by(cart_items.c.cart_id, cart_items.c.id)
-    )
-    for start in range(0, len(cart_ids), _ITEM_CHUNK):
-        part = cart_ids[start : start + _ITEM_CHUNK]
-        for cart_id, name, image_url, qty, price in conn.execute(
-            stmt.where(cart_items.c.cart_id.in_(part))
-        ):
-            items.setdefault(cart_id, []).append(
-                {
-                    "name": name,
-                    "quantity": int(qty),
-                    "unit_price": _money(price),
-                    "line_total": _money(Decimal(str(price)) * int(qty)),
-                    "image_url": image_url,
-                }
-            )
-    shop_ctx = {
-        "name": shop.shop_name,
-        "url": shop.shop_url,
-        "support_email": shop.support_email,
-        "address": shop.shop_address,
-    }
+    lines = cart_lines(conn, [int(x) for x in frame["cart_id"].tolist()])
+    shop_ctx = shop_context(shop)
     contexts = []
     for row in frame.itertuples(index=False):
         cart_id = int(row.cart_id)
-        first_name = row.first_name if isinstance(row.first_name, str) else None
         contexts.append(
             {
-                "customer": {
-                    "id": int(row.customer_id),
-                    "first_name": first_name,
-                    "email": row.email,
-                    "locale": row.locale,
-                    "lifetime_value": _money(row.lifetime_value),
-                },
+                "customer": customer_context(row, lifetime_value=money(row.lifetime_value)),
                 "cart": {
                     "id": cart_id,
                     "url": f"{shop.shop_url}/cart/{cart_id}",
-                    "total": _money(row.cart_total),
+                    "total": money(row.cart_total),
                     "currency": "USD",
                     "item_count": int(row.item_count),
-                    "items": items.get(cart_id, []),
+                    "items": lines.get(cart_id, []),
                 },
                 "shop": shop_ctx,
             }

@@ -20,23 +20,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import Connection, String, and_, cast, func, literal, select
 
 from mailflow.triggers.base import ContextDefaults, Trigger
+from mailflow.triggers.context import cart_lines, customer_context, int_or_none, money, shop_context
 from mailflow.validation import Rule, Suite
-from mailflow.warehouse.schema import cart_items, customers, order_status_history, orders, products
+from mailflow.warehouse.schema import customers, order_status_history, orders
 
 NAME = "order_status"
 
 #: The changes customers hear about. Adding one (e.g. ``out_for_delivery``) needs its words
 #: in every locale of ``templates/order_status``.
 STATUSES: tuple[str, ...] = ("shipped", "delivered")
-
-_ITEM_CHUNK = 2_000
 
 
 def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
@@ -90,62 +88,29 @@ def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
     )
 
 
-def _money(value: Any) -> str:
-    return f"{Decimal(str(value)).quantize(Decimal('0.01'))}"
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None or pd.isna(value) else int(value)
-
-
-def _items(conn: Connection, cart_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
-    """The lines of the carts the orders were placed from."""
-    items: dict[int, list[dict[str, Any]]] = {}
-    stmt = (
-        select(cart_items.c.cart_id, products.c.name, cart_items.c.quantity)
-        .join(products, products.c.id == cart_items.c.product_id)
-        .order_by(cart_items.c.cart_id, cart_items.c.id)
-    )
-    for start in range(0, len(cart_ids), _ITEM_CHUNK):
-        part = cart_ids[start : start + _ITEM_CHUNK]
-        for cart_id, name, qty in conn.execute(stmt.where(cart_items.c.cart_id.in_(part))):
-            items.setdefault(int(cart_id), []).append({"name": name, "quantity": int(qty)})
-    return items
-
-
 def build_contexts(
     conn: Connection, frame: pd.DataFrame, shop: ContextDefaults
 ) -> list[dict[str, Any]]:
     """One render context per row: the customer, the order (with its lines when known)."""
     cart_ids = sorted(
-        {c for c in (_int_or_none(v) for v in frame["order_cart_id"].tolist()) if c is not None}
+        {c for c in (int_or_none(v) for v in frame["order_cart_id"].tolist()) if c is not None}
     )
-    items = _items(conn, cart_ids) if cart_ids else {}
-    shop_ctx = {
-        "name": shop.shop_name,
-        "url": shop.shop_url,
-        "support_email": shop.support_email,
-        "address": shop.shop_address,
-    }
+    lines = cart_lines(conn, cart_ids)
+    shop_ctx = shop_context(shop)
     contexts = []
     for row in frame.itertuples(index=False):
         order_id = int(row.order_id)
-        cart_id = _int_or_none(row.order_cart_id)
+        cart_id = int_or_none(row.order_cart_id)
         contexts.append(
             {
-                "customer": {
-                    "id": int(row.customer_id),
-                    "first_name": row.first_name if isinstance(row.first_name, str) else None,
-                    "email": row.email,
-                    "locale": row.locale,
-                },
+                "customer": customer_context(row),
                 "order": {
                     "id": order_id,
                     "status": row.status,
-                    "total": _money(row.order_total),
+                    "total": money(row.order_total),
                     "currency": "USD",
                     "url": f"{shop.shop_url}/orders/{order_id}",
-                    "items": items.get(cart_id, []) if cart_id is not None else [],
+                    "items": lines.get(cart_id, []) if cart_id is not None else [],
                 },
                 "shop": shop_ctx,
             }

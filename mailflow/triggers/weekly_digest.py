@@ -32,7 +32,6 @@ import zoneinfo
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
-from decimal import Decimal
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -42,6 +41,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from mailflow.errors import ConfigError
 from mailflow.triggers.base import ContextDefaults, Trigger
+from mailflow.triggers.context import (
+    cart_lines,
+    customer_context,
+    int_or_none,
+    money,
+    shop_context,
+)
 from mailflow.validation import recipient_suite
 from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
 
@@ -210,14 +216,6 @@ def invalid_timezones(conn: Connection) -> dict[str, int]:
 # --- render contexts -----------------------------------------------------------------------
 
 
-def _money(value: Any) -> str:
-    return f"{Decimal(str(value)).quantize(Decimal('0.01'))}"
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None or pd.isna(value) else int(value)
-
-
 def _bestsellers(conn: Connection) -> list[dict[str, Any]]:
     """The most carted priced products, best first."""
     qty = func.sum(cart_items.c.quantity).label("qty")
@@ -265,37 +263,6 @@ def _favourite_categories(conn: Connection, customer_ids: list[int]) -> dict[int
     return {c: min(s.items(), key=lambda kv: (-kv[1], kv[0]))[0] for c, s in score.items()}
 
 
-def _cart_items(conn: Connection, cart_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
-    items: dict[int, list[dict[str, Any]]] = {}
-    stmt = (
-        select(
-            cart_items.c.cart_id,
-            products.c.id,
-            products.c.name,
-            products.c.image_url,
-            cart_items.c.quantity,
-            cart_items.c.unit_price,
-        )
-        .join(products, products.c.id == cart_items.c.product_id)
-        .order_by(cart_items.c.cart_id, cart_items.c.id)
-    )
-    for start in range(0, len(cart_ids), _CHUNK):
-        part = cart_ids[start : start + _CHUNK]
-        for cart_id, product_id, name, image_url, qty, price in conn.execute(
-            stmt.where(cart_items.c.cart_id.in_(part))
-        ):
-            items.setdefault(int(cart_id), []).append(
-                {
-                    "product_id": int(product_id),
-                    "name": name,
-                    "quantity": int(qty),
-                    "line_total": _money(Decimal(str(price)) * int(qty)),
-                    "image_url": image_url,
-                }
-            )
-    return items
-
-
 def _picks(
     favourite: str | None, bestsellers: list[dict[str, Any]], in_cart: set[int]
 ) -> list[dict[str, Any]]:
@@ -315,28 +282,23 @@ def build_contexts(
     """One render context per row: the customer, their picks, their open cart, the shop."""
     customer_ids = [int(x) for x in frame["customer_id"].tolist()]
     cart_ids = sorted(
-        {c for c in (_int_or_none(v) for v in frame["open_cart_id"].tolist()) if c is not None}
+        {c for c in (int_or_none(v) for v in frame["open_cart_id"].tolist()) if c is not None}
     )
-    items = _cart_items(conn, cart_ids) if cart_ids else {}
+    items = cart_lines(conn, cart_ids)
     favourites = _favourite_categories(conn, customer_ids) if customer_ids else {}
     bestsellers = _bestsellers(conn) if customer_ids else []
-    shop_ctx = {
-        "name": shop.shop_name,
-        "url": shop.shop_url,
-        "support_email": shop.support_email,
-        "address": shop.shop_address,
-    }
+    shop_ctx = shop_context(shop)
     contexts = []
     for row in frame.itertuples(index=False):
         customer_id = int(row.customer_id)
-        cart_id = _int_or_none(row.open_cart_id)
+        cart_id = int_or_none(row.open_cart_id)
         lines = items.get(cart_id, []) if cart_id is not None else []
         cart = None
         if cart_id is not None and lines:
             cart = {
                 "id": cart_id,
                 "url": f"{shop.shop_url}/cart/{cart_id}",
-                "total": _money(row.cart_total),
+                "total": money(row.cart_total),
                 "currency": "USD",
                 "item_count": int(row.cart_item_count),
                 "items": [{k: v for k, v in x.items() if k != "product_id"} for x in lines],
@@ -344,17 +306,12 @@ def build_contexts(
         picks = _picks(favourites.get(customer_id), bestsellers, {x["product_id"] for x in lines})
         contexts.append(
             {
-                "customer": {
-                    "id": customer_id,
-                    "first_name": row.first_name if isinstance(row.first_name, str) else None,
-                    "email": row.email,
-                    "locale": row.locale,
-                },
+                "customer": customer_context(row),
                 "week": row.digest_week,
                 "picks": [
                     {
                         "name": b["name"],
-                        "price": _money(b["price"]),
+                        "price": money(b["price"]),
                         "currency": "USD",
                         "url": f"{shop.shop_url}/products/{b['id']}",
                         "image_url": b["image_url"],

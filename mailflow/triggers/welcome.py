@@ -28,6 +28,7 @@ import pandas as pd
 from sqlalchemy import Connection, String, cast, literal, select
 
 from mailflow.triggers.base import ContextDefaults, Trigger
+from mailflow.triggers.context import customer_context, shop_context
 from mailflow.validation import recipient_suite
 from mailflow.warehouse.schema import customers
 from mailflow.watermarks import naive_utc
@@ -61,21 +62,11 @@ def build_contexts(
     conn: Connection, frame: pd.DataFrame, shop: ContextDefaults
 ) -> list[dict[str, Any]]:
     """One render context per row: the customer, the shop and links to the account."""
-    shop_ctx = {
-        "name": shop.shop_name,
-        "url": shop.shop_url,
-        "support_email": shop.support_email,
-        "address": shop.shop_address,
-    }
+    shop_ctx = shop_context(shop)
     links = {"account": f"{shop.shop_url}/account", "help": f"{shop.shop_url}/help"}
     return [
         {
-            "customer": {
-                "id": int(row.customer_id),
-                "first_name": row.first_name if isinstance(row.first_name, str) else None,
-                "email": row.email,
-                "locale": row.locale,
-            },
+            "customer": customer_context(row),
             "links": links,
             "shop": shop_ctx,
         }
