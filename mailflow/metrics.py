@@ -369,9 +369,9 @@ def rollup(
         state = None if full else _state(conn)
         if state is None:
             full = True
-            customers, loose = _all_customers(conn)
+            customers, messages_only = _all_customers(conn)
         else:
-            customers, loose = _changes(
+            customers, messages_only = _changes(
                 conn, since=state[1] - overlap, last_event_id=state[0], late_orders=late_orders
             )
 
@@ -380,29 +380,24 @@ def rollup(
         if full:
             days.update(conn.execute(select(message_facts.c.send_day).distinct()).scalars())
             conn.execute(delete(message_facts))
+    # Whole customers (attribution anew), then single messages (conversions kept).
+    work = (
+        (sorted(customers), ledger.c.customer_id, message_facts.c.customer_id, True),
+        (sorted(messages_only), ledger.c.id, message_facts.c.ledger_id, False),
+    )
     messages = 0
-    for part in _chunks(sorted(customers), chunk):
-        with engine.begin() as conn:
-            n, touched = _rebuild_facts(
-                conn,
-                ledger.c.customer_id.in_(part),
-                message_facts.c.customer_id.in_(part),
-                started,
-                attribute=(part, attribution_window),
-            )
-            messages += n
-            days |= touched
-    for part in _chunks(sorted(loose), chunk):
-        with engine.begin() as conn:
-            n, touched = _rebuild_facts(
-                conn,
-                ledger.c.id.in_(part),
-                message_facts.c.ledger_id.in_(part),
-                started,
-                attribute=None,
-            )
-            messages += n
-            days |= touched
+    for ids, ledger_key, facts_key, attribute in work:
+        for part in _chunks(ids, chunk):
+            with engine.begin() as conn:
+                n, touched = _rebuild_facts(
+                    conn,
+                    ledger_key.in_(part),
+                    facts_key.in_(part),
+                    started,
+                    attribute=(part, attribution_window) if attribute else None,
+                )
+                messages += n
+                days |= touched
     with engine.begin() as conn:
         _rebuild_days(conn, days, started)
         _save_state(conn, last_event_id, started)

@@ -10,7 +10,7 @@ the same validation gate and quarantine, then the ledger, then the same send bat
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,13 @@ from mailflow.extract import extract
 from mailflow.settings import get_settings
 from mailflow.validation import check_gate, validate_frame
 from mailflow.warehouse.engine import get_engine
-from mailflow.warehouse.schema import quarantine, run_log
+from mailflow.warehouse.schema import run_log
 from tasks.plan import shop_defaults
 from tasks.record import ledger_tally
 from tasks.send import build_message, get_renderer, unsubscribe_settings
 
 # The validate stage's helpers: the campaign writes quarantine rows exactly as it does.
-from tasks.validate import _already_quarantined, _jsonable
+from tasks.validate import quarantine_new
 
 _CHUNK = 5_000
 
@@ -95,42 +95,8 @@ def build_audience(
         extracted = extract(conn, trigger, now=now, params={})
     outcome = validate_frame(extracted.frame, trigger.suite, key_column="dedupe_key")
     judged = outcome
-    quarantined = dict(outcome.counts)
-    if record and outcome.violations:
-        known = _already_quarantined(trigger.name, sorted({v.row_key for v in outcome.violations}))
-        fresh = [v for v in outcome.violations if v.row_key not in known]
-        if fresh:
-            rows = []
-            frame = extracted.frame
-            for v in fresh:
-                src = frame.iloc[v.position]
-                rows.append(
-                    {
-                        "flow_run_id": flow_run_id,
-                        "trigger": trigger.name,
-                        "dedupe_key": v.row_key,
-                        "customer_id": _jsonable(src.get("customer_id")),
-                        "email": _jsonable(src.get("email")),
-                        "expectation": v.expectation,
-                        "column_name": v.column,
-                        "reason": v.reason,
-                        "row": {k: _jsonable(src[k]) for k in frame.columns},
-                        "created_at": ledger.utcnow(),
-                    }
-                )
-            with engine.begin() as conn:
-                for start in range(0, len(rows), _CHUNK):
-                    conn.execute(quarantine.insert(), rows[start : start + _CHUNK])
-        new_bad = len({v.row_key for v in fresh})
-        still_bad = outcome.bad_rows - new_bad
-        quarantined = dict(Counter(v.rule for v in fresh))
-        judged = replace(
-            outcome,
-            violations=fresh,
-            bad_rows=new_bad,
-            total_rows=outcome.total_rows - still_bad,
-            counts=quarantined,
-        )
+    if record:
+        judged, _ = quarantine_new(trigger.name, extracted.frame, outcome, flow_run_id)
     gate_error = None
     try:
         check_gate(judged, max_bad_share=max_bad_share)
@@ -143,7 +109,7 @@ def build_audience(
         frame=good,
         found=extracted.found,
         excluded=extracted.excluded,
-        quarantined={k: v for k, v in quarantined.items() if v},
+        quarantined={k: v for k, v in judged.counts.items() if v},
         bad_rows=outcome.bad_rows,
         gate_error=gate_error,
     )

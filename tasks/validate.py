@@ -13,11 +13,11 @@ from sqlalchemy import select
 from mailflow.errors import DataQualityError
 from mailflow.ledger import utcnow
 from mailflow.triggers import get_trigger
-from mailflow.validation import check_gate, validate_frame
+from mailflow.validation import ValidationOutcome, check_gate, validate_frame
 from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import quarantine
 
-_QUARANTINE_COLUMNS = ("dedupe_key", "customer_id", "email")
+_INSERT_CHUNK = 5_000
 
 
 @dataclass
@@ -56,6 +56,55 @@ def _already_quarantined(trigger_name: str, keys: list[str]) -> set[str]:
     return found
 
 
+def quarantine_new(
+    trigger_name: str, frame: pd.DataFrame, outcome: ValidationOutcome, flow_run_id: str | None
+) -> tuple[ValidationOutcome, int]:
+    """Write the violations no earlier run quarantined to ``mf_quarantine``.
+
+    Returns the outcome the gate should judge (the new bad rows only, out of every row
+    but the ones still bad from before) and how many rows an earlier run already
+    quarantined.
+    """
+    known = (
+        _already_quarantined(trigger_name, sorted({v.row_key for v in outcome.violations}))
+        if outcome.violations
+        else set()
+    )
+    fresh = [v for v in outcome.violations if v.row_key not in known]
+    if fresh:
+        now = utcnow()
+        rows = []
+        for v in fresh:
+            src = frame.iloc[v.position]
+            rows.append(
+                {
+                    "flow_run_id": flow_run_id,
+                    "trigger": trigger_name,
+                    "dedupe_key": v.row_key,
+                    "customer_id": _jsonable(src.get("customer_id")),
+                    "email": _jsonable(src.get("email")),
+                    "expectation": v.expectation,
+                    "column_name": v.column,
+                    "reason": v.reason,
+                    "row": {k: _jsonable(src[k]) for k in frame.columns},
+                    "created_at": now,
+                }
+            )
+        with get_engine().begin() as conn:
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                conn.execute(quarantine.insert(), rows[start : start + _INSERT_CHUNK])
+    new_bad = len({v.row_key for v in fresh})
+    still_bad = outcome.bad_rows - new_bad
+    judged = replace(
+        outcome,
+        violations=fresh,
+        bad_rows=new_bad,
+        total_rows=outcome.total_rows - still_bad,
+        counts=dict(Counter(v.rule for v in fresh)),
+    )
+    return judged, still_bad
+
+
 @task(name="validate", cache_policy=NONE, persist_result=False)
 def validate_recipients(
     trigger_name: str, frame: pd.DataFrame, flow_run_id: str | None, max_bad_share: float
@@ -73,37 +122,9 @@ def validate_recipients(
     """
     trigger = get_trigger(trigger_name)
     outcome = validate_frame(frame, trigger.suite, key_column="dedupe_key")
-    known = (
-        _already_quarantined(trigger_name, sorted({v.row_key for v in outcome.violations}))
-        if outcome.violations
-        else set()
-    )
-    fresh = [v for v in outcome.violations if v.row_key not in known]
-    if fresh:
-        now = utcnow()
-        rows = []
-        for v in fresh:
-            src = frame.iloc[v.position]
-            record = {k: _jsonable(src[k]) for k in frame.columns}
-            rows.append(
-                {
-                    "flow_run_id": flow_run_id,
-                    "trigger": trigger_name,
-                    "dedupe_key": v.row_key,
-                    "customer_id": _jsonable(src.get("customer_id")),
-                    "email": _jsonable(src.get("email")),
-                    "expectation": v.expectation,
-                    "column_name": v.column,
-                    "reason": v.reason,
-                    "row": record,
-                    "created_at": now,
-                }
-            )
-        with get_engine().begin() as conn:
-            conn.execute(quarantine.insert(), rows)
-    counts = Counter(v.rule for v in fresh)
-    new_bad = len({v.row_key for v in fresh})
-    still_bad = outcome.bad_rows - new_bad
+    judged, still_bad = quarantine_new(trigger_name, frame, outcome, flow_run_id)
+    counts = judged.counts
+    new_bad = judged.bad_rows
     logger = get_run_logger()
     if outcome.bad_rows:
         logger.warning(
@@ -116,13 +137,6 @@ def validate_recipients(
             still_bad,
         )
     gate_error = None
-    judged = replace(
-        outcome,
-        violations=fresh,
-        bad_rows=new_bad,
-        total_rows=outcome.total_rows - still_bad,
-        counts=dict(counts),
-    )
     try:
         check_gate(judged, max_bad_share=max_bad_share)
     except DataQualityError as exc:  # raised by the flow once the summary is out
