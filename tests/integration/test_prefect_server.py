@@ -271,6 +271,8 @@ def test_deploy_all_then_a_worker_runs_abandoned_cart(
             "MAILFLOW_SEND_TASK_RETRY_DELAYS_S": "[0, 0, 0]",
             # The worker's environment picks where the batches run (mailflow/runners.py).
             "MAILFLOW_TASK_RUNNER": task_runner,
+            "MAILFLOW_CAMPAIGN_PREVIEW_DIR": str(tmp_path / "previews"),
+            "MAILFLOW_CAMPAIGN_APPROVAL_POLL_S": "1",
         }
         worker = stack.enter_context(
             service(
@@ -327,3 +329,78 @@ def test_deploy_all_then_a_worker_runs_abandoned_cart(
             ledger_id = int(m["payload"]["personalizations"][0]["custom_args"]["ledger_id"])
             link = unsubscribe_url(base, SecretStr(unsubscribe_secret), ledger_id)
             assert m["payload"]["headers"]["List-Unsubscribe"] == f"<{link}>"
+
+        if task_runner == "thread":
+            # The marketer's path: submit a campaign file, approve it from the CLI.
+            sent_before = len(sink.messages())
+            sent = submit_and_approve_campaign(client, env, tmp_path, warehouse_url, worker, server)
+            assert len(sink.messages()) == sent_before + sent
+
+
+def mailflow_cli(args: list[str], env: dict[str, str], *services: Service) -> str:
+    """Run a `mailflow` command to completion; a failure shows its output and the logs."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mailflow.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_S,
+    )
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        logs = "\n".join(s.tail() for s in services)
+        pytest.fail(f"`mailflow {' '.join(args)}` exited {done.returncode}:\n{output}\n{logs}")
+    return output
+
+
+def wait_for_state(client: Any, run_id: Any, done: Any, *services: Service) -> Any:
+    deadline = time.monotonic() + RUN_S
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and (done(run.state) or run.state.is_final()):
+            return run.state
+        time.sleep(1.0)
+    logs = "\n".join(s.tail() for s in services)
+    pytest.fail(f"flow run {run_id} still {run.state!r} after {RUN_S}s\n{logs}")
+
+
+def submit_and_approve_campaign(
+    client: Any, env: dict[str, str], tmp_path: Path, warehouse_url: str, *services: Service
+) -> int:
+    """`mailflow campaign submit FILE`, wait for the pause, `approve`; the messages sent."""
+    import re
+    from uuid import UUID
+
+    file = tmp_path / "us_spring.yaml"
+    file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "us_spring",
+                "template": "campaign_spring",
+                "segment": {"field": "country", "op": "in", "value": ["US"]},
+                "variants": [
+                    {"name": "control", "share": 0.5, "subject": "Spring is here"},
+                    {"name": "urgency", "share": 0.5, "subject": "Only until Sunday"},
+                ],
+                "holdout_share": 0.25,
+            }
+        )
+    )
+    out = mailflow_cli(["campaign", "submit", str(file)], env, *services)
+    found = re.search(r"\(([0-9a-f-]{36})\)", out)
+    assert found, out
+    run_id = UUID(found.group(1))
+    paused = wait_for_state(client, run_id, lambda st: st.is_paused(), *services)
+    assert paused.is_paused(), f"expected the run to wait for approval, got {paused!r}"
+    mailflow_cli(["campaign", "approve", str(run_id), "--by", "marketer@example.com"], env)
+    final = wait_for_state(client, run_id, lambda st: False, *services)
+    assert final.is_completed(), f"{final!r}\n" + "\n".join(s.tail() for s in services)
+
+    with get_engine(warehouse_url).connect() as conn:
+        rows = list(
+            conn.execute(select(send_ledger).where(send_ledger.c.trigger == "campaign:us_spring"))
+        )
+    assert rows and {r.status for r in rows} == {"sent"}
+    assert {r.flow_run_id for r in rows} == {str(run_id)}
+    return len(rows)
