@@ -9,11 +9,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import Field
+from sqlalchemy import exists, select
 
 from mailflow.ledger import utcnow
 from mailflow.metrics import rollup
 from mailflow.report import Period, artifact_rows, period_metrics
 from mailflow.warehouse.engine import get_engine
+from mailflow.warehouse.schema import campaigns, send_ledger
 
 
 @task(name="rollup-engagement", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60])
@@ -58,6 +60,31 @@ def publish_metrics(report_days: int) -> list[dict[str, Any]]:
     return rows
 
 
+@task(name="refresh-campaign-results", cache_policy=NONE)
+def refresh_campaign_results(days: int) -> list[str]:
+    """Experiment results of every campaign that sent in the last ``days`` (they keep moving)."""
+    from tasks.campaign import refresh_results
+
+    since = utcnow() - timedelta(days=days)
+    with get_engine().connect() as conn:
+        names = (
+            conn.execute(
+                select(campaigns.c.name)
+                .where(
+                    exists().where(
+                        send_ledger.c.trigger == campaigns.c.trigger, send_ledger.c.sent_at >= since
+                    )
+                )
+                .order_by(campaigns.c.name)
+            )
+            .scalars()
+            .all()
+        )
+    for name in names:
+        refresh_results(name)
+    return list(names)
+
+
 @flow(
     name="engagement-rollup",
     description="Roll engagement events, sends and orders up into the metric tables.",
@@ -66,6 +93,7 @@ def engagement_rollup(
     full: bool = False,
     attribution_hours: Annotated[float, Field(gt=0, le=720)] = 72.0,
     report_days: Annotated[int, Field(ge=1, le=366)] = 7,
+    campaign_days: Annotated[int, Field(ge=1, le=90)] = 14,
 ) -> dict[str, Any]:
     """Update the metric tables incrementally and publish the recent numbers.
 
@@ -75,7 +103,10 @@ def engagement_rollup(
         attribution_hours: An order counts as a conversion of the latest message sent to
             the same customer at most this many hours before it.
         report_days: Send days shown in the `engagement-metrics` artifact.
+        campaign_days: Campaigns that sent within this many days get their experiment
+            results (`mf_campaign_results` and artifact) recomputed.
     """
     result = rollup_engagement(full, attribution_hours)
     result["metrics"] = publish_metrics(report_days)
+    result["campaigns"] = refresh_campaign_results(campaign_days)
     return result

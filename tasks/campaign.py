@@ -414,21 +414,25 @@ def record_campaign_summary(summary: CampaignSummary, started_at: datetime) -> C
     return summary
 
 
+def refresh_results(name: str, variants: list[str] | None = None) -> list[dict[str, Any]]:
+    """Recompute a campaign's experiment table, store it, and publish it as an artifact."""
+    rows = experiment_table(get_engine(), name, variants=variants)
+    if rows:
+        control = variants[0] if variants else rows[0].get("control_arm") or rows[0]["arm"]
+        create_table_artifact(
+            key=artifact_key(name, "results"),
+            table=display_rows(rows),
+            description=f"Experiment results of campaign {name} (control: {control}); table "
+            "`mf_campaign_results`. Conversions count orders within 72 h, so they grow until "
+            "then; the engagement-rollup flow refreshes this table.",
+        )
+    return rows
+
+
 @task(name="campaign-results", cache_policy=NONE, persist_result=False)
 def publish_results(campaign: Campaign) -> list[dict[str, Any]]:
     """The experiment table, stored in ``mf_campaign_results`` and published as an artifact."""
-    rows = experiment_table(
-        get_engine(), campaign.name, variants=[v.name for v in campaign.variants]
-    )
-    if rows:
-        create_table_artifact(
-            key=artifact_key(campaign.name, "results"),
-            table=display_rows(rows),
-            description=f"Experiment results of campaign {campaign.name} (control: "
-            f"{campaign.control}); table `mf_campaign_results`. Conversions count orders "
-            "within 72 h, so they grow until then.",
-        )
-    return rows
+    return refresh_results(campaign.name, [v.name for v in campaign.variants])
 
 
 __all__ = [
@@ -436,6 +440,7 @@ __all__ = [
     "CampaignPlan",
     "CampaignSummary",
     "artifact_key",
+    "refresh_results",
     "build_audience",
     "make_preview",
     "plan_campaign",

@@ -18,13 +18,19 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from flows.campaign import campaign
+from flows.engagement_rollup import engagement_rollup
 from mailflow import cli
 from mailflow.campaigns.model import Campaign, parse_campaign
 from mailflow.ledger import utcnow
 from mailflow.settings import get_settings
 from mailflow.sink.validation import validate_mail_send
 from mailflow.warehouse.engine import get_engine
-from mailflow.warehouse.schema import campaign_approvals, campaign_assignments, send_ledger
+from mailflow.warehouse.schema import (
+    campaign_approvals,
+    campaign_assignments,
+    campaign_results,
+    send_ledger,
+)
 from tests.campaigns.shop import Person, add_people
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -157,6 +163,18 @@ def test_approved_campaign_sends_once_and_holdout_gets_nothing(env, sink) -> Non
     assert all(arm in out.output for arm in ("control", "urgency", "holdout")), out.output
     missing = CliRunner().invoke(cli.app, ["report", "--campaign", "no_such_campaign"])
     assert missing.exit_code == 2 and "no_such_campaign" in missing.output
+
+    # The scheduled rollup keeps the results of recent campaigns up to date.
+    rolled = engagement_rollup()
+    assert rolled["campaigns"] == [c.name]
+    assert rolled["messages"] == len(rows)
+    with get_engine().connect() as conn:
+        arms = set(
+            conn.execute(
+                select(campaign_results.c.arm).where(campaign_results.c.campaign == c.name)
+            ).scalars()
+        )
+    assert arms == {"control", "urgency", "holdout", "all_variants"}  # and campaign vs holdout
 
 
 def test_rejected_campaign_sends_nothing(env, sink) -> None:  # type: ignore[no-untyped-def]
