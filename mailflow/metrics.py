@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -45,6 +46,8 @@ from mailflow.warehouse.schema import events, message_facts, metrics_daily, orde
 from mailflow.warehouse.schema import send_ledger as ledger
 
 ROLLUP_NAME = "engagement"
+#: PostgreSQL advisory lock key of the rollup (any constant unique to this job).
+_LOCK_KEY = 0x6D66_726F6C6C  # "mfroll"
 DEFAULT_VARIANT = "default"
 #: Orders in these states never count as conversions.
 NOT_CONVERTING = ("cancelled", "refunded")
@@ -359,6 +362,47 @@ def rollup(
     incremental runs do not look for (the deployment runs a full rebuild nightly).
     Changing ``attribution_window`` needs a full rebuild to apply to old messages.
     """
+    with _one_at_a_time(engine):
+        return _rollup(
+            engine,
+            full=full,
+            attribution_window=attribution_window,
+            late_orders=late_orders,
+            overlap=overlap,
+            chunk=chunk,
+        )
+
+
+@contextmanager
+def _one_at_a_time(engine: Engine) -> Iterator[None]:
+    """Hold the rollup's lock: a scheduled run and ``mailflow report`` never interleave.
+
+    On PostgreSQL two rollups rebuilding the same customer at once would collide on
+    the facts' primary key, so a session advisory lock makes the second one wait.
+    SQLite already serialises writers, and each chunk is one transaction.
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as conn:
+        conn.execute(select(func.pg_advisory_lock(_LOCK_KEY)))
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(select(func.pg_advisory_unlock(_LOCK_KEY)))
+            conn.commit()
+
+
+def _rollup(
+    engine: Engine,
+    *,
+    full: bool,
+    attribution_window: timedelta,
+    late_orders: timedelta,
+    overlap: timedelta,
+    chunk: int,
+) -> RollupResult:
     t0 = time.perf_counter()
     started = utcnow()
     with engine.connect() as conn:

@@ -397,3 +397,16 @@ def test_events_for_unknown_or_unsent_messages_are_not_counted(engine: Engine) -
     assert len(n_events) > 2
     rollup(engine)
     assert stored_daily(engine) == w.expected_daily()
+
+
+def test_two_rollups_at_once_both_finish_with_the_right_numbers(engine: Engine) -> None:
+    # A scheduled run and `mailflow report` may start together.
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = build_world(engine)
+    rollup(engine)
+    w.late_engagement(list(range(1, 120)), days=1)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda full: rollup(engine, full=full, chunk=20), (True, False)))
+    assert {r.full for r in results} == {True, False}
+    assert stored_daily(engine) == w.expected_daily()
