@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -38,7 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--no-flow", action="store_true", help="Skip the Prefect flow run.")
+    parser.add_argument("--no-flow", action="store_true", help="Skip the Prefect flow runs.")
+    parser.add_argument(
+        "--no-send", action="store_true", help="Skip the approved send of the broad campaign."
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mailflow-campaign-bench-"))
@@ -126,6 +130,55 @@ def main() -> None:
             inside = (run.finished_at - run.started_at).total_seconds()
             print(f"flow dry run {campaign.name}: {inside:.2f}s inside the flow, "
                   f"{wall:.2f}s wall (Prefect flow overhead included)")  # fmt: skip
+        if not args.no_send:
+            send_approved(broad, campaign_flow)
+
+
+def send_approved(campaign: Any, campaign_flow: Any) -> None:
+    """Approve the broad campaign, send it to the local API, rerun it: duplicates?"""
+    from collections import Counter
+
+    from sqlalchemy import func, select
+
+    from mailflow.settings import get_settings
+    from mailflow.sink.testing import running_sink
+    from mailflow.warehouse.engine import get_engine
+    from mailflow.warehouse.schema import send_ledger
+    from tests.campaigns.approval import resume_when_paused
+
+    answer = {"approve": True, "approver": "bench@example.com", "comment": "bench"}
+    with running_sink(process=True) as sink:
+        os.environ["MAILFLOW_SENDGRID_HOST"] = sink.url
+        get_settings.cache_clear()
+        runs = []
+        for attempt in ("first", "rerun"):
+            thread = resume_when_paused(campaign.name, answer, limit_s=600)
+            start = time.perf_counter()
+            summary = campaign_flow(**campaign.definition(), approval_timeout_s=600)
+            runs.append((attempt, summary, time.perf_counter() - start))
+            thread.join(10)
+        accepted: list[dict[str, Any]] = []
+        while page := sink.messages(limit=1000, offset=len(accepted)):
+            accepted += page
+    with get_engine().connect() as conn:
+        rows, keys = conn.execute(
+            select(func.count(), func.count(send_ledger.c.dedupe_key.distinct())).where(
+                send_ledger.c.trigger == campaign.trigger
+            )
+        ).one()
+    per_ledger_id = Counter(
+        m["payload"]["personalizations"][0]["custom_args"]["ledger_id"] for m in accepted
+    )
+    for attempt, summary, took in runs:
+        print(f"approved send {campaign.name} ({attempt}): sent {summary.sent:,}, pending "
+              f"{summary.pending:,}, held out {summary.arms.get('holdout', 0):,}, "
+              f"{took:.1f}s wall incl. approval")  # fmt: skip
+    dup = sum(n - 1 for n in per_ledger_id.values() if n > 1)
+    later = sum(1 for m in accepted if "send_at" in m["payload"])
+    print(f"scheduled with send_at (outside the recipient's local send window): {later:,}")
+    print(f"ledger rows {rows:,} for {keys:,} distinct keys; local API accepted "
+          f"{len(accepted):,} messages for {len(per_ledger_id):,} ledger ids; "
+          f"duplicates {dup}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ from mailflow.validation import Rule, recipient_suite
 from mailflow.warehouse.schema import campaigns, customers
 
 CAMPAIGN_PREFIX = "campaign:"
+
+#: A campaign's "cooldown": its whole life (the shared exclusions then leave out any
+#: customer or address the campaign already reached, as ``recently_notified``).
+ONCE_PER_CAMPAIGN = timedelta(days=3650)
 
 
 def template_locales(template: str, templates_dir: Path | None = None) -> frozenset[str]:
@@ -141,7 +145,9 @@ def campaign_trigger(campaign: Campaign) -> Trigger:
         build_contexts=build_contexts,
         variant=lambda row, _p: str(row["arm"]),
         one_per_customer=False,  # one row per customer by construction
-        cooldown=None,  # the frequency cap and the dedupe key do that job
+        # Once per campaign, by customer (the dedupe key) and by address: two customer
+        # records sharing an inbox get one message between them, on reruns too.
+        cooldown=ONCE_PER_CAMPAIGN,
         defaults={},
     )
 

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-from prefect.client.schemas.objects import StateType
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import resume_flow_run
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -31,6 +25,7 @@ from mailflow.warehouse.schema import (
     campaign_results,
     send_ledger,
 )
+from tests.campaigns.approval import resume_when_paused
 from tests.campaigns.shop import Person, add_people
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -55,34 +50,6 @@ def params(c: Campaign, **over: Any) -> dict[str, Any]:
     d = c.definition()
     d.update(over)
     return d
-
-
-def resume_when_paused(
-    name: str, run_input: dict[str, Any], *, limit_s: float = 120
-) -> threading.Thread:
-    """From another thread: wait for the campaign's run to pause, then answer its form."""
-    errors: list[BaseException] = []
-
-    def answer() -> None:
-        deadline = time.monotonic() + limit_s
-        paused = FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-        )
-        try:
-            with get_client(sync_client=True) as client:
-                while time.monotonic() < deadline:
-                    for run in client.read_flow_runs(flow_run_filter=paused):
-                        if run.parameters.get("name") == name:
-                            resume_flow_run(run.id, run_input=run_input)
-                            return
-                    time.sleep(0.2)
-        except BaseException as exc:  # surfaced by the test through the thread's list
-            errors.append(exc)
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.errors = errors  # type: ignore[attr-defined]
-    thread.start()
-    return thread
 
 
 def people(n: int, **kw: Any) -> list[Person]:
@@ -290,3 +257,31 @@ def test_quiet_hours_schedule_with_send_at_or_defer_across_timezones(env, sink) 
     assert summary.sent == 0 and summary.pending == 3
     rows = ledger_rows(later.trigger)
     assert {(r.status, r.reason) for r in rows} == {("planned", DEFERRED_REASON)}
+
+
+def test_two_customers_sharing_an_address_get_one_message_even_on_rerun(env, sink) -> None:  # type: ignore[no-untyped-def]
+    # Dirty CRMs hold the same inbox under two customer records.
+    add_people(
+        get_engine(),
+        [Person(email="shared@example.com"), Person(email="Shared@Example.com")] + people(6),
+    )
+    c = spec("shared_inbox", holdout_share=0.0)
+    answer = {"approve": True, "approver": "m@example.com", "comment": ""}
+    sent = 0
+    for attempt in range(2):
+        thread = resume_when_paused(c.name, answer)
+        # One duplicate address in eight rows: above the default 5 % gate.
+        summary = campaign(**params(c), approval_timeout_s=120, max_bad_share=0.25)
+        thread.join(5)
+        sent += summary.sent
+        if attempt == 1:
+            assert summary.sent == 0
+            assert summary.excluded.get("recently_notified") == 1, summary.excluded
+    to_shared = [
+        m
+        for m in sink.messages()
+        if m["payload"]["personalizations"][0]["to"][0]["email"].strip().lower()
+        == "shared@example.com"
+    ]
+    assert len(to_shared) == 1
+    assert sent == len(sink.messages()) == 7
