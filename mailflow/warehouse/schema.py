@@ -115,7 +115,7 @@ send_ledger = Table(
     Column("id", Id, primary_key=True),
     Column("dedupe_key", String(255), nullable=False, unique=True),
     Column("trigger", String(64), nullable=False),
-    Column("customer_id", Id, nullable=True, index=True),
+    Column("customer_id", Id, nullable=True),
     Column("email", String(320), nullable=False),
     Column("variant", String(64), nullable=True),
     Column("status", String(16), nullable=False),
@@ -131,7 +131,12 @@ send_ledger = Table(
     Column("sent_at", DateTime, nullable=True),
     Index("ix_mf_send_ledger_trigger_status", "trigger", "status"),
     Index("ix_mf_send_ledger_flow_run_id", "flow_run_id"),
-    Index("ix_mf_send_ledger_email", "email"),
+    # "Did this customer / this address get this trigger lately?" — the cooldown and
+    # frequency-cap lookups of every extraction, one per candidate row. Without the
+    # trigger in the key, SQLite's planner prefers (trigger, status) and scans every
+    # message of the trigger for each candidate.
+    Index("ix_mf_send_ledger_customer_trigger", "customer_id", "trigger", "created_at"),
+    Index("ix_mf_send_ledger_email_trigger", "email", "trigger", "created_at"),
     Index("ix_mf_send_ledger_updated_at", "updated_at"),
 )
 
