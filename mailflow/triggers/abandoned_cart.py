@@ -13,27 +13,25 @@ from decimal import Decimal
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, String, cast, exists, func, literal, select
+from sqlalchemy import Connection, String, cast, exists, literal, select
 
 from mailflow.triggers.base import ContextDefaults, Trigger
-from mailflow.triggers.context import cart_lines, customer_context, money, shop_context
+from mailflow.triggers.context import (
+    cart_lines,
+    cart_totals,
+    customer_context,
+    money,
+    shop_context,
+)
 from mailflow.validation import Rule, recipient_suite
-from mailflow.warehouse.schema import cart_items, carts, customers, orders
+from mailflow.warehouse.schema import carts, customers, orders
 
 NAME = "abandoned_cart"
 
 
 def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
     """Carts idle longer than ``idle_hours`` but not older than ``max_age_days``."""
-    totals = (
-        select(
-            cart_items.c.cart_id,
-            func.sum(cart_items.c.quantity * cart_items.c.unit_price).label("cart_total"),
-            func.sum(cart_items.c.quantity).label("item_count"),
-        )
-        .group_by(cart_items.c.cart_id)
-        .subquery("totals")
-    )
+    totals = cart_totals()
     idle_before = now - timedelta(hours=float(p["idle_hours"]))
     not_before = now - timedelta(days=float(p["max_age_days"]))
     return (

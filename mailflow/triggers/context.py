@@ -1,8 +1,8 @@
-"""Pieces of render contexts that every trigger builds the same way.
+"""Pieces that every trigger builds the same way: cart queries and render contexts.
 
 A trigger's ``build_contexts`` turns extracted rows into template contexts; the shop,
 the customer, money and cart lines look the same in every template, so they are made
-here once.
+here once, as is the per-cart totals query their candidate queries join.
 """
 
 from __future__ import annotations
@@ -11,13 +11,26 @@ from decimal import Decimal
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Subquery, func, select
 
 from mailflow.triggers.base import ContextDefaults
 from mailflow.warehouse.schema import cart_items, products
 
 #: Cart ids per ``IN`` list when fetching cart lines.
 CHUNK = 2_000
+
+
+def cart_totals() -> Subquery:
+    """Per cart: ``cart_id``, ``cart_total`` (sum of quantity x unit price), ``item_count``."""
+    return (
+        select(
+            cart_items.c.cart_id,
+            func.sum(cart_items.c.quantity * cart_items.c.unit_price).label("cart_total"),
+            func.sum(cart_items.c.quantity).label("item_count"),
+        )
+        .group_by(cart_items.c.cart_id)
+        .subquery("totals")
+    )
 
 
 def money(value: Any) -> str:

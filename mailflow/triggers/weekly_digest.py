@@ -43,6 +43,7 @@ from mailflow.errors import ConfigError
 from mailflow.triggers.base import ContextDefaults, Trigger
 from mailflow.triggers.context import (
     cart_lines,
+    cart_totals,
     customer_context,
     int_or_none,
     money,
@@ -166,15 +167,7 @@ def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
         )
         .subquery("open_carts")
     )
-    totals = (
-        select(
-            cart_items.c.cart_id,
-            func.sum(cart_items.c.quantity * cart_items.c.unit_price).label("cart_total"),
-            func.sum(cart_items.c.quantity).label("cart_item_count"),
-        )
-        .group_by(cart_items.c.cart_id)
-        .subquery("totals")
-    )
+    totals = cart_totals()
     return (
         select(
             (literal(f"{NAME}:") + cast(customers.c.id, String) + literal(":") + week).label(
@@ -189,7 +182,7 @@ def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
             week.label("digest_week"),
             open_carts.c.cart_id.label("open_cart_id"),
             totals.c.cart_total,
-            totals.c.cart_item_count,
+            totals.c.item_count.label("cart_item_count"),
         )
         .select_from(customers)
         .outerjoin(
