@@ -16,22 +16,11 @@ from mailflow.settings import TEMPLATES_DIR, get_settings
 from mailflow.sink.validation import validate_mail_send
 from mailflow.unsubscribe import unsubscribe_url
 from mailflow.warehouse.engine import get_engine
-from mailflow.warehouse.schema import TERMINAL_STATES, quarantine, send_ledger
+from mailflow.warehouse.schema import TERMINAL_STATES, quarantine
+from tests.ledger import ledger_rows, sent_per_ledger_id
 from tests.shop import Shopper, build_shop
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def ledger_rows() -> list[Any]:
-    with get_engine().connect() as conn:
-        return list(conn.execute(select(send_ledger).order_by(send_ledger.c.id)))
-
-
-def sent_keys(sink: Any) -> Counter[str]:
-    """How many accepted messages the local API holds per ledger id."""
-    return Counter(
-        m["payload"]["personalizations"][0]["custom_args"]["ledger_id"] for m in sink.messages()
-    )
 
 
 def shoppers(n: int, **kw: Any) -> list[Shopper]:
@@ -63,7 +52,7 @@ def test_happy_path_sends_each_eligible_cart_once_with_valid_payloads(env, sink)
 
     accepted = sink.messages()
     assert len(accepted) == 13
-    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
     for m in accepted:
         payload = m["payload"]
         assert validate_mail_send(payload) == []
@@ -153,7 +142,7 @@ def test_batch_retried_through_503s_sends_each_key_once(env, sink) -> None:
     rows = ledger_rows()
     assert {r.status for r in rows} == {"sent"}
     assert max(r.attempts for r in rows) >= 2  # claimed again by the task retry
-    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
 
 
 def test_400_is_recorded_and_the_rest_of_the_batch_sent(env, sink) -> None:
@@ -188,7 +177,7 @@ def test_401_stops_the_run_and_marks_nobody_sent(env, sink) -> None:
     get_settings.cache_clear()
     again = abandoned_cart(batch_size=3)
     assert again.sent == 7
-    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
 
 
 def test_template_error_fails_only_that_message(env, sink, tmp_path: Path) -> None:
@@ -241,7 +230,7 @@ def test_overlapping_runs_send_each_cart_once(env, sink) -> None:
     assert sum(s.sent for s in summaries) == 120
     rows = ledger_rows()
     assert len(rows) == 120 and {r.status for r in rows} == {"sent"}
-    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
 
 
 def test_suppressed_addresses_are_excluded_in_sql(env, sink) -> None:

@@ -9,34 +9,20 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any
 
 import pytest
 from prefect import flow
-from sqlalchemy import select
 
 from flows.abandoned_cart import abandoned_cart
 from mailflow.errors import FatalRunError
 from mailflow.runners import configured_task_runner
 from mailflow.settings import get_settings
 from mailflow.warehouse.engine import get_engine
-from mailflow.warehouse.schema import send_ledger
 from tasks.send import send_batch
+from tests.ledger import ledger_rows, sent_per_ledger_id
 from tests.shop import Shopper, build_shop
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
-
-
-def ledger_rows() -> list[Any]:
-    with get_engine().connect() as conn:
-        return list(conn.execute(select(send_ledger).order_by(send_ledger.c.id)))
-
-
-def sent_keys(sink: Any) -> Counter[str]:
-    return Counter(
-        m["payload"]["personalizations"][0]["custom_args"]["ledger_id"]
-        for m in sink.messages(limit=10_000)
-    )
 
 
 def shoppers(n: int) -> list[Shopper]:
@@ -67,7 +53,7 @@ def test_batches_on_dask_worker_processes_send_each_cart_once(env, sink) -> None
     assert first.sent == 90 and first.planned == 90
     rows = ledger_rows()
     assert len(rows) == 90 and {r.status for r in rows} == {"sent"}
-    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
     # The rerun finds every cart notified and sends nothing.
     assert second.sent == 0 and second.planned == 0
     assert second.excluded == {"already_notified": 90}
@@ -108,7 +94,7 @@ def test_refused_key_stops_batches_in_other_processes(env, sink) -> None:
 
     again = abandoned_cart(batch_size=5)
     assert again.sent == 40
-    assert sent_keys(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
 
 
 @flow(task_runner=configured_task_runner())

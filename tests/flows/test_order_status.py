@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
-from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -15,21 +14,11 @@ from mailflow.ledger import utcnow
 from mailflow.sink.validation import validate_mail_send
 from mailflow.triggers import get_trigger
 from mailflow.warehouse.engine import get_engine
-from mailflow.warehouse.schema import order_status_history, orders, send_ledger, suppressions
+from mailflow.warehouse.schema import order_status_history, orders, suppressions
+from tests.ledger import ledger_rows, sent_per_ledger_id
 from tests.shop import Customer, Shopper, add_customers, add_order, add_status_changes, build_shop
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def ledger_rows() -> list[Any]:
-    with get_engine().connect() as conn:
-        return list(conn.execute(select(send_ledger).order_by(send_ledger.c.id)))
-
-
-def sent_ids(sink: Any) -> Counter[str]:
-    return Counter(
-        m["payload"]["personalizations"][0]["custom_args"]["ledger_id"] for m in sink.messages()
-    )
 
 
 def suppress(email: str, reason: str) -> None:
@@ -82,7 +71,7 @@ def test_happy_path_one_message_per_order_and_status(env, sink) -> None:
         "order_status:108:shipped",
     ]
     assert {r.status for r in rows} == {"sent"}
-    assert sent_ids(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
     subjects = {}
     for m in sink.messages():
         payload = m["payload"]

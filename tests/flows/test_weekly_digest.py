@@ -19,20 +19,10 @@ from mailflow.triggers.weekly_digest import WEEKDAYS, due_timezones, invalid_tim
 from mailflow.unsubscribe import unsubscribe_url
 from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import customers, send_ledger, suppressions
+from tests.ledger import ledger_rows, sent_per_ledger_id
 from tests.shop import Customer, Shopper, add_customers, build_shop
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def ledger_rows() -> list[Any]:
-    with get_engine().connect() as conn:
-        return list(conn.execute(select(send_ledger).order_by(send_ledger.c.id)))
-
-
-def sent_ids(sink: Any) -> Counter[str]:
-    return Counter(
-        m["payload"]["personalizations"][0]["custom_args"]["ledger_id"] for m in sink.messages()
-    )
 
 
 def slot_now(zone: str) -> dict[str, Any]:
@@ -155,7 +145,7 @@ def test_digest_goes_only_to_due_timezones_once_a_week(env, sink) -> None:
 
     again = weekly_digest(**slot_now("Asia/Tokyo"))
     assert again.sent == 0 and again.excluded.get("already_notified") == 3
-    assert sent_ids(sink) == Counter({str(r.id): 1 for r in ledger_rows()})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in ledger_rows()})
 
 
 def test_invalid_timezones_are_sent_at_the_utc_slot(env, sink) -> None:

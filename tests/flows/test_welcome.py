@@ -8,7 +8,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from flows.welcome import demo_run, welcome
 from mailflow import watermarks
@@ -16,22 +15,11 @@ from mailflow.ledger import utcnow
 from mailflow.sink.validation import validate_mail_send
 from mailflow.triggers.welcome import scan_from
 from mailflow.warehouse.engine import get_engine
-from mailflow.warehouse.schema import send_ledger, suppressions
+from mailflow.warehouse.schema import suppressions
+from tests.ledger import ledger_rows, sent_per_ledger_id
 from tests.shop import Customer, add_customers
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def ledger_rows() -> list[Any]:
-    with get_engine().connect() as conn:
-        return list(conn.execute(select(send_ledger).order_by(send_ledger.c.id)))
-
-
-def sent_ids(sink: Any) -> Counter[str]:
-    """How many accepted messages the local API holds per ledger id."""
-    return Counter(
-        m["payload"]["personalizations"][0]["custom_args"]["ledger_id"] for m in sink.messages()
-    )
 
 
 def signups(n: int, *, start: int = 0, **kw: Any) -> list[Customer]:
@@ -83,7 +71,7 @@ def test_happy_path_welcomes_new_signups_once_as_transactional_mail(env, sink) -
     assert all(r.dedupe_key == f"welcome:{r.customer_id}" for r in rows)
 
     accepted = sink.messages()
-    assert sent_ids(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
     for m in accepted:
         payload = m["payload"]
         assert validate_mail_send(payload) == []
@@ -150,7 +138,7 @@ def test_replayed_watermark_sends_nothing_twice_and_never_moves_it_back(env, sin
         watermarks.set_watermark(conn, "welcome", utcnow() - timedelta(days=2))
     again = welcome()
     assert again.sent == 0 and again.excluded == {"already_notified": 4}
-    assert sent_ids(sink) == Counter({str(r.id): 1 for r in ledger_rows()})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in ledger_rows()})
     mark = stored_watermark()
     assert first_mark is not None and mark is not None and mark > first_mark
 
@@ -165,7 +153,7 @@ def test_overlapping_runs_welcome_each_customer_once(env, sink) -> None:
     assert sum(s.sent for s in summaries) == 100
     rows = ledger_rows()
     assert len(rows) == 100 and {r.status for r in rows} == {"sent"}
-    assert sent_ids(sink) == Counter({str(r.id): 1 for r in rows})
+    assert sent_per_ledger_id(sink) == Counter({str(r.id): 1 for r in rows})
     assert stored_watermark() is not None
 
 
