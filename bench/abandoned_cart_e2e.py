@@ -74,12 +74,12 @@ def main() -> None:
 
     from sqlalchemy import func, select
 
+    from mailflow.demo.seed import BENCH_PROFILE, seed_shop
     from mailflow.settings import get_settings
     from mailflow.sink.testing import running_sink
     from mailflow.warehouse.engine import get_engine, make_engine
     from mailflow.warehouse.migrate import upgrade
     from mailflow.warehouse.schema import run_log, send_ledger
-    from mailflow.warehouse.seed import BENCH_PROFILE, seed_shop
 
     upgrade(url)
     engine = make_engine(url)

@@ -56,12 +56,12 @@ def main() -> None:
     from mailflow.campaigns.model import load_campaign, parse_campaign
     from mailflow.campaigns.preview import write_samples
     from mailflow.campaigns.segments import compile_segment
-    from mailflow.ledger import utcnow
+    from mailflow.clock import utcnow
+    from mailflow.demo.seed import DEFAULT_PROFILE, seed_shop
     from mailflow.settings import get_settings
     from mailflow.warehouse.engine import get_engine
     from mailflow.warehouse.migrate import upgrade
     from mailflow.warehouse.schema import customers
-    from mailflow.warehouse.seed import DEFAULT_PROFILE, seed_shop
     from tasks.campaign import build_audience, make_preview
 
     get_settings.cache_clear()

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, func, insert, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mailflow.ledger import utcnow  # noqa: E402
+from mailflow.clock import utcnow  # noqa: E402
 from mailflow.metrics import rollup  # noqa: E402
 from mailflow.warehouse.engine import make_engine  # noqa: E402
 from mailflow.warehouse.migrate import upgrade  # noqa: E402

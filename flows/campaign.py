@@ -20,8 +20,8 @@ from flows.pipeline import send_planned
 from mailflow.campaigns.model import SendWindow, TemplateVariant, Variant, parse_campaign
 from mailflow.campaigns.preview import preview_markdown
 from mailflow.campaigns.segments import Condition, Group, Segment
+from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError, MailflowError, TransientError
-from mailflow.ledger import utcnow
 from mailflow.runners import configured_task_runner
 from mailflow.settings import get_settings
 from tasks.campaign import (

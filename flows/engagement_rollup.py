@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 from pydantic import Field
 from sqlalchemy import exists, select
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.metrics import rollup
 from mailflow.report import Period, artifact_rows, period_metrics
 from mailflow.warehouse.engine import get_engine

@@ -10,8 +10,8 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
+from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError, FatalRunError, MailflowError, TransientError
-from mailflow.ledger import utcnow
 from mailflow.settings import get_settings
 from mailflow.triggers import get_trigger
 from tasks.extract import extract_recipients

@@ -9,7 +9,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.pipeline import run_trigger
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.runners import configured_task_runner
 from tasks.record import RunSummary
 from tasks.watermark import advance_watermark, read_watermark

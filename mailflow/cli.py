@@ -71,9 +71,9 @@ def seed(
     warehouse: WarehouseOpt = None,
 ) -> None:
     """Fill the warehouse with a deterministic synthetic shop (replaces shop rows)."""
+    from mailflow.demo.seed import BENCH_PROFILE, DEFAULT_PROFILE, seed_shop
     from mailflow.warehouse.engine import make_engine
     from mailflow.warehouse.migrate import upgrade
-    from mailflow.warehouse.seed import BENCH_PROFILE, DEFAULT_PROFILE, seed_shop
 
     profiles = {"default": DEFAULT_PROFILE, "bench": BENCH_PROFILE}
     if profile not in profiles:
@@ -187,10 +187,10 @@ def demo(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     get_settings.cache_clear()
 
+    from mailflow.demo.seed import seed_shop
     from mailflow.sink.testing import running_sink
     from mailflow.warehouse.engine import dispose_engines, make_engine
     from mailflow.warehouse.migrate import upgrade
-    from mailflow.warehouse.seed import seed_shop
     from mailflow.webhook.server import running_webhook
     from mailflow.webhook.signing import generate_keypair, private_key_pem
 
@@ -238,7 +238,7 @@ def demo(
         console.rule("[bold]4. engagement events: SendGrid API → signed webhook → warehouse")
         _wait_for_events(sink)
         print_counts(webhook_engine)
-        from mailflow.warehouse.returns import shoppers_return
+        from mailflow.demo.returns import shoppers_return
 
         came_back = shoppers_return(webhook_engine, seed=seed)
         console.print(
@@ -264,7 +264,7 @@ def demo(
     from datetime import timedelta
 
     from flows.engagement_rollup import engagement_rollup
-    from mailflow.ledger import utcnow
+    from mailflow.clock import utcnow
     from mailflow.report import Period, funnel_chart, metrics_tables, period_metrics
 
     engagement_rollup()
@@ -499,7 +499,7 @@ def report(
     """Print the engagement metrics per trigger and variant and chart the funnel."""
     from datetime import date, timedelta
 
-    from mailflow.ledger import utcnow
+    from mailflow.clock import utcnow
     from mailflow.metrics import rollup
     from mailflow.report import Period, funnel_chart, metrics_tables, period_metrics
     from mailflow.warehouse.engine import make_engine

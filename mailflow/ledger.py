@@ -17,36 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Insert, and_, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, and_, bindparam, func, select, update
 
+from mailflow.clock import utcnow
 from mailflow.mailer.base import Outcome, SendResult
+from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import send_ledger
 
 #: How long a claimed row may stay in ``sending`` before a later run calls it unknown.
 DEFAULT_LEASE = timedelta(minutes=30)
 _CHUNK = 5_000
-
-
-def utcnow() -> datetime:
-    """Naive UTC now (the warehouse convention)."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def insert_ignoring_conflicts(conn: Connection, table: Any) -> Insert:
-    """``INSERT … ON CONFLICT DO NOTHING`` for the connection's dialect."""
-    name = conn.dialect.name
-    if name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    if name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    raise NotImplementedError(
-        f"the warehouse dialect {name!r} has no insert-ignore here yet; "
-        "use SQLite or PostgreSQL, or add it in mailflow/ledger.py"
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from sqlalchemy import (
     select,
 )
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.schema import events, message_facts, metrics_daily, orders, rollup_state
 from mailflow.warehouse.schema import send_ledger as ledger
 

@@ -17,9 +17,10 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
+from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.ledger import insert_ignoring_conflicts, utcnow
 from mailflow.validation import EMAIL_REGEX, email_problem
+from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import suppressions
 
 _EMAIL = re.compile(EMAIL_REGEX)

@@ -16,8 +16,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, select, update
 
+from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.ledger import insert_ignoring_conflicts, utcnow
+from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import watermarks
 
 __all__ = ["advance", "naive_utc", "read", "set_watermark"]

@@ -33,6 +33,7 @@ from mailflow.campaigns.store import (
 )
 from mailflow.campaigns.trigger import campaign_trigger
 from mailflow.campaigns.window import schedule
+from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError
 from mailflow.extract import extract
 from mailflow.settings import get_settings
@@ -391,7 +392,7 @@ def record_campaign_summary(summary: CampaignSummary, started_at: datetime) -> C
                 flow_run_id=summary.flow_run_id,
                 trigger=trigger,
                 started_at=started_at,
-                finished_at=ledger.utcnow(),
+                finished_at=utcnow(),
                 summary=asdict(summary),
             )
         )

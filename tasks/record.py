@@ -12,7 +12,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from sqlalchemy import func, select
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import run_log, send_ledger
 

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, select
 from mailflow import ledger
 from mailflow.campaigns.trigger import resolve_trigger
 from mailflow.campaigns.window import schedule
+from mailflow.clock import utcnow
 from mailflow.errors import FatalRunError, TemplateError, TransientError
 from mailflow.mailer.base import OutboundMessage, Outcome, SendResult
 from mailflow.mailer.sendgrid import FatalSendError, SendGridMailer
@@ -234,7 +235,7 @@ async def send_batch(
     # Quiet hours (a ``send_window`` in the context): outside it a message is scheduled for
     # the next opening with ``send_at``, or — beyond SendGrid's 72 h — handed back to
     # ``planned`` for a later run. Never dropped.
-    now = ledger.utcnow()
+    now = utcnow()
     deferred: list[int] = []
     for c in claimed:
         when = schedule(c.context.get("send_window"), now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.triggers.weekly_digest import due_timezones, invalid_timezones
 from mailflow.warehouse.engine import get_engine
 

@@ -10,8 +10,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from sqlalchemy import select
 
+from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError
-from mailflow.ledger import utcnow
 from mailflow.triggers import get_trigger
 from mailflow.validation import ValidationOutcome, check_gate, validate_frame
 from mailflow.warehouse.engine import get_engine

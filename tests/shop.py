@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, insert, select
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.schema import (
     cart_items,
     carts,

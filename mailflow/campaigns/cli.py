@@ -32,7 +32,7 @@ def preview(
     """Audience, exclusions by reason, arms and sample messages. Sends and writes nothing else."""
     from mailflow.campaigns.model import load_campaign
     from mailflow.campaigns.preview import write_samples
-    from mailflow.ledger import utcnow
+    from mailflow.clock import utcnow
     from mailflow.settings import get_settings
     from tasks.campaign import build_audience, make_preview
     from tasks.send import get_renderer

@@ -35,7 +35,7 @@ from rich.table import Table
 from sqlalchemy import Connection, Engine, delete, insert, select
 
 from mailflow.campaigns.assign import HOLDOUT
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.schema import (
     campaign_assignments,
     campaign_results,

@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from mailflow.campaigns.model import Campaign
-from mailflow.ledger import insert_ignoring_conflicts, utcnow
+from mailflow.clock import utcnow
+from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import campaign_approvals, campaign_assignments, campaigns
 
 _CHUNK = 5_000

@@ -1,1 +1,1 @@
-"""The warehouse: schema, engine, migrations and the synthetic shop."""
+"""The warehouse: schema, engine, dialect helpers and migrations."""

@@ -21,9 +21,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.ledger import insert_ignoring_conflicts, utcnow
 from mailflow.unsubscribe import InvalidToken, read_token
+from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import send_ledger, suppressions
 from mailflow.webhook import signing
 from mailflow.webhook.ingest import IngestResult, store_events

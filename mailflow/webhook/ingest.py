@@ -18,8 +18,9 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, update
 
+from mailflow.clock import utcnow
 from mailflow.extract import MARKETING_ONLY_SUPPRESSIONS
-from mailflow.ledger import insert_ignoring_conflicts, utcnow
+from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import events as events_table
 from mailflow.warehouse.schema import suppressions
 

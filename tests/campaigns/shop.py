@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy import Engine, insert
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.schema import customers, orders
 
 

@@ -15,7 +15,7 @@ from flows.campaign import campaign
 from flows.engagement_rollup import engagement_rollup
 from mailflow import cli
 from mailflow.campaigns.model import Campaign, parse_campaign
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.settings import get_settings
 from mailflow.sink.validation import validate_mail_send
 from mailflow.warehouse.engine import get_engine

@@ -10,7 +10,7 @@ from sqlalchemy import func, inspect, select
 
 from mailflow.campaigns.model import CampaignError, parse_campaign
 from mailflow.campaigns.segments import compile_segment, parse_segment
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import customers
 from tests.campaigns.shop import Person, add_people

@@ -15,7 +15,7 @@ from mailflow.campaigns.stats import (
     proportion,
     render_table,
 )
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import (
     campaign_assignments,

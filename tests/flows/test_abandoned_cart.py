@@ -234,7 +234,7 @@ def test_overlapping_runs_send_each_cart_once(env, sink) -> None:
 
 
 def test_suppressed_addresses_are_excluded_in_sql(env, sink) -> None:
-    from mailflow.ledger import utcnow
+    from mailflow.clock import utcnow
     from mailflow.warehouse.schema import suppressions
 
     build_shop(get_engine(), shoppers(4) + [Shopper(email="  Bounced@Example.com ")])
@@ -251,8 +251,8 @@ def test_suppressed_addresses_are_excluded_in_sql(env, sink) -> None:
 
 
 def test_guardrail_refuses_to_send_while_complaints_run_high(env, sink) -> None:
+    from mailflow.clock import utcnow
     from mailflow.guardrail import GuardrailTripped
-    from mailflow.ledger import utcnow
     from mailflow.warehouse.schema import events
 
     env.setenv("MAILFLOW_GUARDRAIL_MIN_SENT", "5")

@@ -21,7 +21,7 @@ from flows.abandoned_cart import abandoned_cart
 from flows.engagement_rollup import engagement_rollup
 from mailflow import cli
 from mailflow.cli import app
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.settings import get_settings
 from mailflow.sink.testing import SinkHandle, running_sink
 from mailflow.warehouse.engine import get_engine, make_engine

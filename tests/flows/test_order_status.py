@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import func, select
 
 from flows.order_status import demo_run, order_status
+from mailflow.clock import utcnow
 from mailflow.extract import MARKETING_ONLY_SUPPRESSIONS, extract
-from mailflow.ledger import utcnow
 from mailflow.sink.validation import validate_mail_send
 from mailflow.triggers import get_trigger
 from mailflow.warehouse.engine import get_engine
@@ -141,7 +141,7 @@ def test_marketing_mail_honours_every_suppression(env) -> None:
 
 
 def test_seeded_history_matches_the_orders_and_feeds_the_trigger(env, sink) -> None:
-    from mailflow.warehouse.seed import seed_shop
+    from mailflow.demo.seed import seed_shop
 
     engine = get_engine()
     now = datetime(2026, 3, 2, 12, 0)
@@ -180,7 +180,7 @@ def test_seeded_history_matches_the_orders_and_feeds_the_trigger(env, sink) -> N
 
 
 def test_demo_hook_sends_the_seeded_shipments(env, sink) -> None:
-    from mailflow.warehouse.seed import seed_shop
+    from mailflow.demo.seed import seed_shop
 
     seed_shop(get_engine(), customers=1_000, seed=4)
     first = demo_run()

@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from flows.weekly_digest import demo_run, weekly_digest
+from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.ledger import utcnow
 from mailflow.settings import get_settings
 from mailflow.sink.validation import validate_mail_send
 from mailflow.triggers.weekly_digest import WEEKDAYS, due_timezones, invalid_timezones
@@ -203,7 +203,7 @@ def test_digest_shows_the_open_cart_and_picks(env, sink) -> None:
 
 
 def test_demo_hook_sends_to_the_zone_it_names(env, sink) -> None:
-    from mailflow.warehouse.seed import seed_shop
+    from mailflow.demo.seed import seed_shop
 
     seed_shop(get_engine(), customers=1_000, seed=5)
     first = demo_run(timezone="Europe/Berlin")

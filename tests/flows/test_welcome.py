@@ -11,7 +11,7 @@ import pytest
 
 from flows.welcome import demo_run, welcome
 from mailflow import watermarks
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.sink.validation import validate_mail_send
 from mailflow.triggers.welcome import scan_from
 from mailflow.warehouse.engine import get_engine
@@ -167,7 +167,7 @@ def test_a_failed_run_leaves_the_watermark_alone(env, sink) -> None:
 
 
 def test_demo_hook_welcomes_the_seeded_recent_signups(env, sink) -> None:
-    from mailflow.warehouse.seed import seed_shop
+    from mailflow.demo.seed import seed_shop
 
     seed_shop(get_engine(), customers=1_000, seed=3)
     first = demo_run()

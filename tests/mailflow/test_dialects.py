@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
+from mailflow.demo.seed import seed_shop
 from mailflow.extract import extract
 from mailflow.triggers import ContextDefaults, registry
 from mailflow.warehouse.engine import make_engine
@@ -27,7 +28,6 @@ from mailflow.warehouse.schema import (
     products,
     suppressions,
 )
-from mailflow.warehouse.seed import seed_shop
 from mailflow.webhook.ingest import store_events
 from tests.pgserver import DatabaseFactory
 
@@ -65,7 +65,7 @@ def _plain(value: Any) -> Any:
 
 
 def _dump(engine: Engine) -> dict[str, list[list[Any]]]:
-    from mailflow.warehouse.seed import _SHOP_TABLES
+    from mailflow.demo.seed import _SHOP_TABLES
 
     with engine.connect() as conn:
         return {

@@ -7,6 +7,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from mailflow import ledger
+from mailflow.clock import utcnow
 from mailflow.mailer.base import Outcome, SendResult
 from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import send_ledger
@@ -80,7 +81,7 @@ def test_stale_claims_become_unknown_and_are_never_resent(warehouse_url: str) ->
         conn.execute(
             update(send_ledger)
             .where(send_ledger.c.id == ids[0])
-            .values(claimed_at=ledger.utcnow() - timedelta(hours=1))
+            .values(claimed_at=utcnow() - timedelta(hours=1))
         )
         assert ledger.expire_stale_claims(conn, "t", lease=timedelta(minutes=30)) == 1
         statuses = dict(conn.execute(select(send_ledger.c.id, send_ledger.c.status)).all())

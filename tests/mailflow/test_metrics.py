@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, insert, select, text
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.metrics import DEFAULT_VARIANT, LATE_ORDERS, rollup
 from mailflow.report import COUNTS as COUNT_COLUMNS
 from mailflow.warehouse.engine import make_engine

@@ -17,16 +17,16 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
-from mailflow.warehouse import schema
-from mailflow.warehouse.engine import make_engine
-from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
-from mailflow.warehouse.seed import (
+from mailflow.demo.seed import (
     BENCH_PROFILE,
     DEFAULT_PROFILE,
     SeedProfile,
     SeedStats,
     seed_shop,
 )
+from mailflow.warehouse import schema
+from mailflow.warehouse.engine import make_engine
+from mailflow.warehouse.schema import cart_items, carts, customers, orders, products
 
 NOW = datetime(2025, 6, 1, 12, 0)
 SHOP_TABLES = (customers, products, carts, cart_items, orders)

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import Engine, insert, select
 from starlette.exceptions import StarletteDeprecationWarning
 
+from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.ledger import utcnow
 from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import events, send_ledger, suppressions
 from mailflow.webhook import (

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from sqlalchemy import Engine, func, insert, select
 
-from mailflow.ledger import utcnow
+from mailflow.clock import utcnow
 from mailflow.warehouse.schema import cart_items, events, orders, send_ledger
 
 
