@@ -58,11 +58,12 @@ def main() -> None:
     from mailflow.campaigns.segments import compile_segment
     from mailflow.clock import utcnow
     from mailflow.demo.seed import DEFAULT_PROFILE, seed_shop
+    from mailflow.pipeline import resources
+    from mailflow.pipeline.campaign import build_audience, make_preview
     from mailflow.settings import get_settings
     from mailflow.warehouse.engine import get_engine
     from mailflow.warehouse.migrate import upgrade
     from mailflow.warehouse.schema import customers
-    from tasks.campaign import build_audience, make_preview
 
     get_settings.cache_clear()
     upgrade(get_settings().warehouse_url)
@@ -82,7 +83,9 @@ def main() -> None:
     # Warm the process once (GX import and context, template compile): a real preview
     # process pays it once too; printed separately.
     start = time.perf_counter()
-    build_audience(spring, utcnow(), flow_run_id=None, max_bad_share=1.0, record=False)
+    build_audience(
+        resources.current(), spring, utcnow(), flow_run_id=None, max_bad_share=1.0, record=False
+    )
     print(f"warm-up (imports, GX context): {time.perf_counter() - start:.2f}s")
 
     rows = []
@@ -97,8 +100,12 @@ def main() -> None:
             )
         base = time.perf_counter() - start
         start = time.perf_counter()
-        audience = build_audience(campaign, now, flow_run_id=None, max_bad_share=1.0, record=False)
-        preview = make_preview(campaign, audience, samples_per_variant=3, now=now)
+        audience = build_audience(
+            resources.current(), campaign, now, flow_run_id=None, max_bad_share=1.0, record=False
+        )
+        preview = make_preview(
+            resources.current(), campaign, audience, samples_per_variant=3, now=now
+        )
         write_samples(preview.samples, workdir / "previews" / campaign.name)
         took = time.perf_counter() - start
         rows.append((campaign.name, len(frame), preview, base, took))

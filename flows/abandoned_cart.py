@@ -8,8 +8,8 @@ from prefect import flow
 from pydantic import Field
 
 from flows.pipeline import run_trigger
+from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
-from tasks.record import RunSummary
 
 
 @flow(

@@ -22,18 +22,14 @@ from mailflow.campaigns.preview import preview_markdown
 from mailflow.campaigns.segments import Condition, Group, Segment
 from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError, MailflowError, TransientError
+from mailflow.pipeline import campaign as stages
+from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 from mailflow.settings import get_settings
-from tasks.campaign import (
-    CampaignSummary,
-    plan_campaign,
-    preview_campaign,
-    publish_results,
-    record_campaign_summary,
-    record_decision,
-    request_approval,
-)
-from tasks.guardrail import check_deliverability
+from tasks.campaign import plan_campaign, preview_campaign, record_decision, request_approval
+from tasks.metrics import publish_results
+from tasks.preflight import check_before_sending
+from tasks.record import record_summary
 
 # Prefect builds the parameter model from this module's names: the recursive segment
 # types must be resolvable here.
@@ -75,7 +71,7 @@ def campaign(
     batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
     max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
     override_guardrail: bool = False,
-) -> CampaignSummary:
+) -> RunSummary:
     """Preview the campaign, wait for approval, then send it through the ledger.
 
     Args:
@@ -122,20 +118,12 @@ def campaign(
         settings.api_key()
 
     preview = preview_campaign(spec, started, run_id, max_bad_share, samples_per_variant)
-    summary = CampaignSummary(
-        campaign=spec.name,
-        flow_run_id=run_id,
-        decision="dry_run",
-        found=preview.found,
-        excluded=preview.excluded,
-        arms=preview.arms,
-    )
+    summary = stages.start_summary(spec, run_id, preview)
     if preview.gate_error:
-        summary.decision, summary.error = "gate_failed", preview.gate_error
-        record_campaign_summary(summary, started)
+        record_summary(summary, started)
         raise DataQualityError(preview.gate_error)
     if dry_run:
-        return record_campaign_summary(summary, started)
+        return record_summary(summary, started)
 
     approval_id = request_approval(spec, run_id, preview)
     form = Approval.with_initial_data(description=preview_markdown(spec, preview), approve=False)
@@ -147,44 +135,40 @@ def campaign(
             key=f"approval-{approval_id}",
         )
     except FlowPauseTimeout:
-        record_decision(approval_id, decision="timed_out", approver=None, comment=None)
+        record_decision(approval_id, decision=stages.TIMED_OUT, approver=None, comment=None)
         logger.error(
             "campaign %s: no approval within %d s; nothing was sent", spec.name, approval_timeout_s
         )
         raise
-    decision = "approved" if answer.approve else "rejected"
+    stages.decide(summary, approve=answer.approve, approver=answer.approver, comment=answer.comment)
     record_decision(
-        approval_id, decision=decision, approver=answer.approver, comment=answer.comment
+        approval_id,
+        decision=str(summary.decision),
+        approver=answer.approver,
+        comment=answer.comment,
     )
-    summary.decision, summary.approver, summary.comment = decision, answer.approver, answer.comment
-    logger.info("campaign %s %s by %s", spec.name, decision, answer.approver)
+    logger.info("campaign %s %s by %s", spec.name, summary.decision, answer.approver)
     if not answer.approve:
-        return record_campaign_summary(summary, started)
+        return record_summary(summary, started)
 
-    if spec.kind == "marketing":
-        settings.unsubscribe_key()  # marketing carries signed unsubscribe links
-    if override_guardrail:
-        logger.warning("deliverability guardrail overridden for this run")
-    else:
-        check_deliverability(utcnow())
-    plan = plan_campaign(spec, utcnow(), run_id, max_bad_share, batch_size)
-    summary.found, summary.excluded, summary.arms = plan.found, plan.excluded, plan.arms
-    summary.planned = plan.planned
+    check_before_sending(spec.trigger, utcnow(), override_guardrail, spec)
+    planned = plan_campaign(spec, utcnow(), run_id, max_bad_share, batch_size)
+    stages.take_plan(summary, planned)
     error: MailflowError | None = None
-    if plan.gate_error:
-        error = DataQualityError(plan.gate_error)
+    if planned.plan is None:
+        error = DataQualityError(str(planned.audience.gate_error))
     else:
-        error = send_planned(spec.trigger, plan.batches, run_id)
+        error = send_planned(spec.trigger, planned.plan.batches, run_id)
     if error is not None:
         summary.error = str(error)
-    summary = record_campaign_summary(summary, started)
+    summary = record_summary(summary, started)
     publish_results(spec)
-    if summary.error is None and summary.pending:
+    if summary.error is None and summary.deferred:
         logger.warning(
-            "campaign %s: %d messages wait for their send window or a retry; run the "
-            "campaign again later to send them",
+            "campaign %s: %d messages wait for their send window; run the campaign again "
+            "later to send them",
             spec.name,
-            summary.pending,
+            summary.deferred,
         )
     if error is not None:
         raise error

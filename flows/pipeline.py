@@ -1,6 +1,7 @@
-"""The one pipeline every trigger runs: extract → validate → plan → render/send → record.
+"""The one pipeline every trigger runs: preflight → extract → validate → plan → send → record.
 
-Called from inside a trigger's flow; it orders tasks and holds no business logic.
+Called from inside a trigger's flow; it orders tasks and holds no business logic (that
+is in ``mailflow/pipeline``).
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from prefect.runtime import flow_run
 
 from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError, FatalRunError, MailflowError, TransientError
+from mailflow.pipeline.send import forget_abort
+from mailflow.pipeline.summary import RunSummary
 from mailflow.settings import get_settings
 from mailflow.triggers import get_trigger
 from tasks.extract import extract_recipients
-from tasks.guardrail import check_deliverability
 from tasks.plan import plan_messages
-from tasks.record import RunSummary, record_summary
-from tasks.send import forget_abort, get_renderer, send_batch, unsubscribe_settings
+from tasks.preflight import check_before_sending
+from tasks.record import record_summary
+from tasks.send import send_batch
 from tasks.validate import validate_recipients
 
 
@@ -51,6 +54,17 @@ def send_planned(
     return error
 
 
+def finish(summary: RunSummary, started: Any, error: MailflowError | None) -> RunSummary:
+    """Record the summary; then raise the run's error (or a pending one), if any."""
+    if error is not None:
+        summary.error = str(error)
+    summary = record_summary(summary, started)
+    if summary.error is not None:
+        get_run_logger().error("%s run did not finish cleanly: %s", summary.trigger, summary.error)
+        raise error or TransientError(summary.error)
+    return summary
+
+
 def run_trigger(
     trigger_name: str,
     params: dict[str, Any],
@@ -65,38 +79,21 @@ def run_trigger(
     ``DataQualityError`` when the validation gate failed, ``TransientError`` when some
     messages are still pending after every retry (the next run sends them).
     """
-    logger = get_run_logger()
     started = utcnow()
     run_id = flow_run.get_id()
-    trigger = get_trigger(trigger_name)
-    params = trigger.params(params)
-    # Fail fast, before anything is planned: a missing key or a broken template
-    # would otherwise turn every message of the run into a failure.
-    get_settings().api_key()
-    unsubscribe_settings(trigger)
-    if override_guardrail:
-        logger.warning("deliverability guardrail overridden for this run")
-    else:
-        check_deliverability(started)
-    get_renderer().check(trigger.template)
+    params = get_trigger(trigger_name).params(params)
+    # Fail fast, before anything is planned.
+    check_before_sending(trigger_name, started, override_guardrail)
 
     summary = RunSummary(trigger=trigger_name, flow_run_id=run_id)
     extracted = extract_recipients(trigger_name, params, started)
-    summary.found, summary.excluded = extracted.found, extracted.excluded
     validated = validate_recipients(trigger_name, extracted.frame, run_id, max_bad_share)
-    summary.quarantined, summary.quarantined_rows = validated.quarantined, validated.bad_rows
-    summary.still_quarantined = validated.still_quarantined
+    summary.audience(extracted.found, extracted.excluded, validated)
     error: MailflowError | None = None
     if validated.gate_error:
         error = DataQualityError(validated.gate_error)
     else:
-        batches = plan_messages(trigger_name, validated.frame, params, run_id, batch_size)
-        summary.planned = sum(len(b) for b in batches)
-        error = send_planned(trigger_name, batches, run_id)
-    if error is not None:
-        summary.error = str(error)
-    summary = record_summary(summary, started)
-    if summary.error is not None:
-        logger.error("%s run did not finish cleanly: %s", trigger_name, summary.error)
-        raise error or TransientError(summary.error)
-    return summary
+        plan = plan_messages(trigger_name, validated.frame, params, run_id, batch_size)
+        summary.planned = plan.planned
+        error = send_planned(trigger_name, plan.batches, run_id)
+    return finish(summary, started, error)

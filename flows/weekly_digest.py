@@ -10,9 +10,9 @@ from prefect import flow
 from pydantic import Field
 
 from flows.pipeline import run_trigger
+from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 from mailflow.triggers.weekly_digest import WEEKDAYS, Weekday
-from tasks.record import RunSummary
 from tasks.timezones import report_timezone_fallbacks
 
 

@@ -10,8 +10,8 @@ from pydantic import Field
 
 from flows.pipeline import run_trigger
 from mailflow.clock import utcnow
+from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
-from tasks.record import RunSummary
 from tasks.watermark import advance_watermark, read_watermark
 
 

@@ -11,6 +11,8 @@ Every message names the field or value, what is wrong with it, and the fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MailflowError(Exception):
     """Base class of every error mailflow raises on purpose."""
@@ -29,7 +31,15 @@ class PermanentMessageError(MailflowError):
 
 
 class FatalRunError(MailflowError):
-    """The run must stop at once (for example, the API key is refused)."""
+    """The run must stop at once (for example, the API key is refused).
+
+    ``settled`` holds what a mailer had already settled when it stopped (results of
+    messages answered before the refusal), so the caller can record them.
+    """
+
+    def __init__(self, message: str, settled: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.settled: list[Any] = list(settled or [])
 
 
 class DataQualityError(MailflowError):

@@ -15,12 +15,9 @@ import pandas as pd
 from sqlalchemy import Connection, Select, case, exists, false, func, literal, null, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from mailflow.settings import get_settings
+from mailflow import ledger
 from mailflow.triggers.base import Trigger
-from mailflow.warehouse.schema import campaigns, send_ledger, suppressions
-
-#: Ledger states that count as "this customer has heard from this trigger".
-_NOTIFIED_STATES = ("planned", "sending", "sent", "unknown")
+from mailflow.warehouse.schema import campaigns, suppressions
 
 #: Suppression reasons that opt an address out of marketing only. Transactional mail (an
 #: order update, a welcome after sign-up) still goes to such an address: the customer said
@@ -54,17 +51,10 @@ def recent_marketing_count(customer_id: Any, now: datetime) -> Any:
 
     names = sorted(t.name for t in registry().values() if t.kind == "marketing")
     marketing_campaigns = select(campaigns.c.trigger).where(campaigns.c.kind == "marketing")
-    cols = send_ledger.c
-    return (
-        select(func.count())
-        .select_from(send_ledger)
-        .where(
-            cols.customer_id == customer_id,
-            cols.created_at >= now - FREQUENCY_WINDOW,
-            cols.status.in_(_NOTIFIED_STATES),
-            or_(cols.trigger.in_(names), cols.trigger.in_(marketing_campaigns)),
-        )
-        .scalar_subquery()
+    return ledger.marketing_count_since(
+        customer_id,
+        now - FREQUENCY_WINDOW,
+        marketing=lambda trigger: or_(trigger.in_(names), trigger.in_(marketing_campaigns)),
     )
 
 
@@ -76,8 +66,14 @@ class ExtractQueries:
     eligible: Select[Any]  # the eligible rows, in priority order
 
 
-def build_queries(trigger: Trigger, now: datetime, params: Mapping[str, Any]) -> ExtractQueries:
-    """Wrap the trigger's candidate query with the shared exclusion rules."""
+def build_queries(
+    trigger: Trigger, now: datetime, params: Mapping[str, Any], *, frequency_cap: int
+) -> ExtractQueries:
+    """Wrap the trigger's candidate query with the shared exclusion rules.
+
+    ``frequency_cap``: at most this many marketing messages per customer in
+    :data:`FREQUENCY_WINDOW` (0 = no cap; transactional triggers are never capped).
+    """
     base = trigger.candidates(now, params).subquery("candidates")
     c = base.c
     order = [c[name].desc() if way == "desc" else c[name].asc() for name, way in trigger.priority]
@@ -92,24 +88,20 @@ def build_queries(trigger: Trigger, now: datetime, params: Mapping[str, Any]) ->
     r = ranked.c
 
     whens: list[tuple[ColumnElement[bool], str]] = [
-        (exists().where(send_ledger.c.dedupe_key == r.dedupe_key), "already_notified"),
+        (ledger.already_notified(r.dedupe_key), "already_notified"),
     ]
     if trigger.cooldown is not None:
-        recent = (
-            send_ledger.c.trigger == trigger.name,
-            send_ledger.c.created_at >= now - trigger.cooldown,
-            send_ledger.c.status.in_(_NOTIFIED_STATES),
-        )
+        since = now - trigger.cooldown
         # By customer, and by address: two customer records can share one inbox.
         whens.append(
             (
-                exists().where(send_ledger.c.customer_id == r.customer_id, *recent),
+                ledger.notified_since(trigger.name, since, customer_id=r.customer_id),
                 "recently_notified",
             )
         )
         whens.append(
             (
-                exists().where(send_ledger.c.email == func.lower(func.trim(r.email)), *recent),
+                ledger.notified_since(trigger.name, since, email=func.lower(func.trim(r.email))),
                 "recently_notified",
             )
         )
@@ -119,9 +111,10 @@ def build_queries(trigger: Trigger, now: datetime, params: Mapping[str, Any]) ->
     whens.append((exists().where(*suppressed), "suppressed"))
     if trigger.kind == "marketing":
         whens.append((r.marketing_consent == false(), "no_consent"))
-        cap = get_settings().frequency_cap
-        if cap > 0:
-            whens.append((recent_marketing_count(r.customer_id, now) >= cap, "frequency_capped"))
+        if frequency_cap > 0:
+            whens.append(
+                (recent_marketing_count(r.customer_id, now) >= frequency_cap, "frequency_capped")
+            )
     whens.append((r.customer_rank > 1, "superseded"))
     reason = case(*whens, else_=null()).label("exclusion")
 
@@ -158,10 +151,11 @@ def extract(
     *,
     now: datetime,
     params: Mapping[str, Any],
+    frequency_cap: int,
     chunk_size: int = 20_000,
 ) -> Extracted:
     """Run the trigger's query; returns eligible rows plus counts by exclusion reason."""
-    queries = build_queries(trigger, now, params)
+    queries = build_queries(trigger, now, params, frequency_cap=frequency_cap)
     excluded: dict[str, int] = {}
     found = 0
     for reason, n in conn.execute(queries.counts):

@@ -1,7 +1,7 @@
 """The send ledger: the one place that decides whether a message may go.
 
-Every planned message gets a row, unique on its dedupe key, *before* anything is
-sent. A row moves::
+Every planned message gets a row in ``mf_send_ledger``, unique on its dedupe key,
+*before* anything is sent. A row moves::
 
     planned ──claim──> sending ──> sent | failed | unknown
        ^                  │
@@ -10,26 +10,95 @@ sent. A row moves::
 ``claim`` is a compare-and-set (``UPDATE … WHERE status = 'planned'``), so of two
 overlapping runs only one can take a row; a row in ``sending`` is never sent again.
 A row left in ``sending`` by a crashed run is moved to ``unknown`` once its lease
-has expired (it may or may not have reached the provider), never resent.
+(:data:`LEASE`) has expired (it may or may not have reached the provider), never resent.
+
+This module owns every statement on ``mf_send_ledger`` that writes or decides: plan,
+claim, settle, release, expire, the run's tally, the stop mark (``mf_run_stops``) and
+the eligibility rules extraction puts into its SQL (:func:`already_notified`,
+:func:`notified_since`, :func:`marketing_count_since`). Reporting modules read the table
+for their numbers only.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from mailflow.clock import utcnow
 from mailflow.mailer.base import Outcome, SendResult
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
-from mailflow.warehouse.schema import send_ledger
+from mailflow.warehouse.schema import run_stops, send_ledger
+
+
+class Status(StrEnum):
+    """The state of one ledger row (``mf_send_ledger.status``)."""
+
+    PLANNED = "planned"  # written before sending; safe to send
+    SENDING = "sending"  # claimed by a run; never sent again by another
+    SENT = "sent"  # accepted by the provider (202), with its message id
+    FAILED = "failed"  # refused for good (400, a render error), with the reason
+    UNKNOWN = "unknown"  # may have reached the provider (timeout, crash): not resent blindly
+
+
+#: States in which a row counts as "this recipient has heard (or will hear) from us".
+NOTIFIED = (Status.PLANNED, Status.SENDING, Status.SENT, Status.UNKNOWN)
+
+#: The reason on rows a run hands back when it stops on a refused key.
+STOPPED_REASON = "not sent: run stopped"
+
+#: The reason on rows handed back because the recipient's send window opens beyond
+#: SendGrid's 72 h ``send_at`` limit: a later run sends them, by design.
+DEFERRED_REASON = "deferred: outside the recipient's send window; a later run sends it"
 
 #: How long a claimed row may stay in ``sending`` before a later run calls it unknown.
-DEFAULT_LEASE = timedelta(minutes=30)
+LEASE = timedelta(minutes=30)
 _CHUNK = 5_000
+
+
+# --- eligibility: SQL expressions extraction puts into its exclusion CASE ----------------
+
+
+def already_notified(dedupe_key: Any) -> ColumnElement[bool]:
+    """This dedupe key has a ledger row (in any state): never plan it again."""
+    return exists().where(send_ledger.c.dedupe_key == dedupe_key)
+
+
+def notified_since(
+    trigger: str, since: datetime, *, customer_id: Any = None, email: Any = None
+) -> ColumnElement[bool]:
+    """This customer (or this lower-cased address) got ``trigger`` at or after ``since``."""
+    cols = send_ledger.c
+    who = cols.customer_id == customer_id if email is None else cols.email == email
+    return exists().where(
+        who, cols.trigger == trigger, cols.created_at >= since, cols.status.in_(NOTIFIED)
+    )
+
+
+def marketing_count_since(customer_id: Any, since: datetime, *, marketing: Any) -> Any:
+    """Messages planned or sent to ``customer_id`` since ``since`` whose trigger is marketing.
+
+    ``marketing`` is a condition on ``mf_send_ledger.trigger`` (which triggers and
+    campaigns are marketing); the result is a scalar subquery.
+    """
+    cols = send_ledger.c
+    return (
+        select(func.count())
+        .select_from(send_ledger)
+        .where(
+            cols.customer_id == customer_id,
+            cols.created_at >= since,
+            cols.status.in_(NOTIFIED),
+            marketing(cols.trigger),
+        )
+        .scalar_subquery()
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +144,7 @@ def plan(
                 "customer_id": m.customer_id,
                 "email": m.email,
                 "variant": m.variant,
-                "status": "planned",
+                "status": Status.PLANNED,
                 "attempts": 0,
                 "context": dict(m.context),
                 "flow_run_id": flow_run_id,
@@ -97,24 +166,24 @@ def planned_ids(conn: Connection, trigger: str) -> list[int]:
     """Ids of every row of ``trigger`` still waiting to be sent, oldest first."""
     rows = conn.execute(
         select(send_ledger.c.id)
-        .where(send_ledger.c.trigger == trigger, send_ledger.c.status == "planned")
+        .where(send_ledger.c.trigger == trigger, send_ledger.c.status == Status.PLANNED)
         .order_by(send_ledger.c.id)
     )
     return [r[0] for r in rows]
 
 
-def expire_stale_claims(conn: Connection, trigger: str, *, lease: timedelta = DEFAULT_LEASE) -> int:
+def expire_stale_claims(conn: Connection, trigger: str, *, lease: timedelta = LEASE) -> int:
     """Rows stuck in ``sending`` past their lease (a crashed run) become ``unknown``."""
     now = utcnow()
     result = conn.execute(
         update(send_ledger)
         .where(
             send_ledger.c.trigger == trigger,
-            send_ledger.c.status == "sending",
+            send_ledger.c.status == Status.SENDING,
             send_ledger.c.claimed_at < now - lease,
         )
         .values(
-            status="unknown",
+            status=Status.UNKNOWN,
             reason="the run that was sending this stopped before recording an answer; "
             "delivery unknown, not resent (check the provider's activity feed)",
             updated_at=now,
@@ -132,9 +201,9 @@ def claim(conn: Connection, ids: Sequence[int], *, flow_run_id: str | None) -> l
         part = list(ids[start : start + _CHUNK])
         rows = conn.execute(
             update(send_ledger)
-            .where(cols.id.in_(part), cols.status == "planned")
+            .where(cols.id.in_(part), cols.status == Status.PLANNED)
             .values(
-                status="sending",
+                status=Status.SENDING,
                 attempts=cols.attempts + 1,
                 claimed_at=now,
                 updated_at=now,
@@ -153,10 +222,10 @@ def claim(conn: Connection, ids: Sequence[int], *, flow_run_id: str | None) -> l
 
 
 _STATUS_OF = {
-    Outcome.SENT: "sent",
-    Outcome.FAILED: "failed",
-    Outcome.UNKNOWN: "unknown",
-    Outcome.RETRY: "planned",
+    Outcome.SENT: Status.SENT,
+    Outcome.FAILED: Status.FAILED,
+    Outcome.UNKNOWN: Status.UNKNOWN,
+    Outcome.RETRY: Status.PLANNED,
 }
 
 
@@ -170,7 +239,7 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
     cols = send_ledger.c
     stmt = (
         update(send_ledger)
-        .where(cols.id == bindparam("b_id"), cols.status == "sending")
+        .where(cols.id == bindparam("b_id"), cols.status == Status.SENDING)
         .values(
             status=bindparam("b_status"),
             reason=bindparam("b_reason"),
@@ -202,8 +271,8 @@ def release(conn: Connection, ids: Sequence[int], *, reason: str) -> None:
     for start in range(0, len(ids), _CHUNK):
         conn.execute(
             update(send_ledger)
-            .where(cols.id.in_(list(ids[start : start + _CHUNK])), cols.status == "sending")
-            .values(status="planned", reason=reason, updated_at=now)
+            .where(cols.id.in_(list(ids[start : start + _CHUNK])), cols.status == Status.SENDING)
+            .values(status=Status.PLANNED, reason=reason, updated_at=now)
         )
 
 
@@ -218,3 +287,73 @@ def status_counts(
         select(send_ledger.c.status, func.count()).where(and_(*cond)).group_by(send_ledger.c.status)
     )
     return {status: n for status, n in rows}
+
+
+def _short(reason: str | None) -> str:
+    text = (reason or "no reason recorded").strip().splitlines()[0]
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+@dataclass
+class Tally:
+    """One run's ledger rows of one trigger: counts per status, failures per reason."""
+
+    statuses: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    deferred: int = 0  # planned on purpose: waiting for the recipient's send window
+
+    @property
+    def pending(self) -> int:
+        """Rows this run touched that are not settled: a later run sends them."""
+        return self.statuses.get(Status.PLANNED, 0) + self.statuses.get(Status.SENDING, 0)
+
+
+def tally(conn: Connection, trigger: str, flow_run_id: str | None) -> Tally:
+    """The rows of ``trigger`` this run planned or claimed, by status and failure reason.
+
+    Every row a run tries carries its run id (plan writes it, claim overwrites it), so
+    rows an earlier run left planned and this run handed back count as this run's.
+    """
+    cols = send_ledger.c
+    run = (cols.trigger == trigger, cols.flow_run_id == flow_run_id)
+    statuses = {
+        str(status): int(n)
+        for status, n in conn.execute(
+            select(cols.status, func.count()).where(*run).group_by(cols.status)
+        )
+    }
+    failed: Counter[str] = Counter()
+    for reason, n in conn.execute(
+        select(cols.reason, func.count())
+        .where(*run, cols.status == Status.FAILED)
+        .group_by(cols.reason)
+    ):
+        failed[_short(reason)] += n
+    deferred = conn.execute(
+        select(func.count()).where(
+            *run, cols.status == Status.PLANNED, cols.reason == DEFERRED_REASON
+        )
+    ).scalar_one()
+    return Tally(statuses=statuses, failed=dict(failed), deferred=int(deferred))
+
+
+# --- the stop mark: a run that hit a refused key ------------------------------------------
+
+
+def mark_stopped(conn: Connection, flow_run_id: str | None, reason: str) -> None:
+    """Record that the run stopped; its batches elsewhere must not send any more."""
+    if flow_run_id is None:
+        return
+    conn.execute(
+        insert_ignoring_conflicts(conn, run_stops).values(
+            flow_run_id=flow_run_id, reason=reason, stopped_at=utcnow()
+        )
+    )
+
+
+def is_stopped(conn: Connection, flow_run_id: str) -> bool:
+    """Did a batch of this run, in any process, stop it (a refused key)?"""
+    found = conn.execute(
+        select(run_stops.c.flow_run_id).where(run_stops.c.flow_run_id == flow_run_id)
+    ).first()
+    return found is not None

@@ -33,16 +33,16 @@ def preview(
     from mailflow.campaigns.model import load_campaign
     from mailflow.campaigns.preview import write_samples
     from mailflow.clock import utcnow
-    from mailflow.settings import get_settings
-    from tasks.campaign import build_audience, make_preview
-    from tasks.send import get_renderer
+    from mailflow.pipeline import resources
+    from mailflow.pipeline.campaign import build_audience, make_preview, preview_dir
 
     campaign = load_campaign(file)
-    get_renderer().check(campaign.template)
+    res = resources.current()
+    res.renderer.check(campaign.template)
     now = utcnow()
-    audience = build_audience(campaign, now, flow_run_id=None, max_bad_share=1.0, record=False)
-    result = make_preview(campaign, audience, samples_per_variant=samples, now=now)
-    folder = out or get_settings().campaign_preview_dir / campaign.name / f"cli-{now:%Y%m%dT%H%M%S}"
+    audience = build_audience(res, campaign, now, flow_run_id=None, max_bad_share=1.0, record=False)
+    result = make_preview(res, campaign, audience, samples_per_variant=samples, now=now)
+    folder = out or preview_dir(res, campaign.name, f"cli-{now:%Y%m%dT%H%M%S}")
     write_samples(result.samples, folder)
 
     table = Table(title=f"campaign {campaign.name} — preview ({campaign.kind})")

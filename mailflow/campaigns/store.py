@@ -6,12 +6,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, exists, insert, select, update
 
 from mailflow.campaigns.model import Campaign
 from mailflow.clock import utcnow
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
-from mailflow.warehouse.schema import campaign_approvals, campaign_assignments, campaigns
+from mailflow.warehouse.schema import (
+    campaign_approvals,
+    campaign_assignments,
+    campaigns,
+    send_ledger,
+)
 
 _CHUNK = 5_000
 
@@ -96,3 +101,12 @@ def record_assignments(
     for start in range(0, len(rows), _CHUNK):
         conn.execute(stmt, rows[start : start + _CHUNK])
     return len(rows)
+
+
+def recently_sent_campaigns(conn: Connection, *, since: datetime) -> list[str]:
+    """Names of the campaigns that sent a message at or after ``since`` (read-only)."""
+    sent_lately = exists().where(
+        send_ledger.c.trigger == campaigns.c.trigger, send_ledger.c.sent_at >= since
+    )
+    rows = conn.execute(select(campaigns.c.name).where(sent_lately).order_by(campaigns.c.name))
+    return list(rows.scalars())

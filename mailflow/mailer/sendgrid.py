@@ -41,11 +41,10 @@ SEND_PATH = "/v3/mail/send"
 
 
 class FatalSendError(FatalRunError):
-    """The provider refused the credentials; carries what was settled before that."""
+    """SendGrid refused the credentials; ``settled`` is what was answered before that.
 
-    def __init__(self, message: str, settled: list[SendResult]) -> None:
-        super().__init__(message)
-        self.settled = settled
+    Callers catch :class:`mailflow.errors.FatalRunError`, the category.
+    """
 
 
 def build_payload(

@@ -107,8 +107,8 @@ orders = Table(
 # --- mailflow's own tables ----------------------------------------------------------------
 
 #: Every planned message, one row per dedupe key, written *before* the send.
-#: status: planned → sending → sent | failed | skipped | unknown
-#: ``email`` is stored trimmed and lower-cased.
+#: ``status`` is a :class:`mailflow.ledger.Status`; ``mailflow/ledger.py`` owns every
+#: write to this table. ``email`` is stored trimmed and lower-cased.
 send_ledger = Table(
     "mf_send_ledger",
     metadata,
@@ -138,6 +138,16 @@ send_ledger = Table(
     Index("ix_mf_send_ledger_customer_trigger", "customer_id", "trigger", "created_at"),
     Index("ix_mf_send_ledger_email_trigger", "email", "trigger", "created_at"),
     Index("ix_mf_send_ledger_updated_at", "updated_at"),
+)
+
+#: Runs that stopped on a refused key: batches of the run in other processes (the Dask
+#: runner) find the mark here before they send (``mailflow.ledger.mark_stopped``).
+run_stops = Table(
+    "mf_run_stops",
+    metadata,
+    Column("flow_run_id", String(64), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("stopped_at", DateTime, nullable=False),
 )
 
 #: Rows that failed validation, per run, with the expectation that failed.

@@ -219,7 +219,7 @@ def test_quiet_hours_schedule_with_send_at_or_defer_across_timezones(env, sink) 
     from datetime import UTC, datetime
     from zoneinfo import ZoneInfo
 
-    from tasks.send import DEFERRED_REASON
+    from mailflow.ledger import DEFERRED_REASON
 
     zones = ["UTC", "Europe/Berlin", "Asia/Tokyo"]
     add_people(

@@ -114,7 +114,7 @@ def test_every_trigger_finds_the_same_audience_on_sqlite_and_postgresql(
     seen = []
     for engine in twin_shops:
         with engine.connect() as conn:
-            got = extract(conn, trigger, now=NOW, params=params)
+            got = extract(conn, trigger, now=NOW, params=params, frequency_cap=3)
             records = [_plain(r) for r in got.frame.to_dict("records")]
             contexts = trigger.build_contexts(conn, got.frame, SHOP) if len(got.frame) else []
         seen.append((got.found, got.excluded, records, _plain(contexts)))

@@ -1,0 +1,147 @@
+"""Send one batch: claim its planned rows, render, send through the mailer, settle.
+
+A batch (hundreds to a thousand messages) is the unit of a Prefect task, so Prefect's
+per-task cost is paid per batch, not per email. Inside a batch the mailer runs the
+requests concurrently over pooled connections.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mailflow import ledger
+from mailflow.campaigns.window import schedule
+from mailflow.clock import utcnow
+from mailflow.errors import FatalRunError, TemplateError, TransientError
+from mailflow.mailer.base import OutboundMessage, Outcome, SendResult
+from mailflow.pipeline.message import build_message
+from mailflow.pipeline.resources import Resources
+from mailflow.triggers.base import Trigger
+
+STOPPED_REASON = ledger.STOPPED_REASON
+DEFERRED_REASON = ledger.DEFERRED_REASON
+
+# Flow runs that hit a fatal error: their remaining batches must not start. Batches
+# running in this process (the thread runner) learn it here at no cost; batches in
+# other processes (the Dask runner) look for the run's stop mark in the ledger.
+_aborted_runs: set[str] = set()
+_aborted_lock = threading.Lock()
+
+
+def _abort(flow_run_id: str | None) -> None:
+    with _aborted_lock:
+        _aborted_runs.add(flow_run_id or "")
+
+
+def forget_abort(flow_run_id: str | None) -> None:
+    """Drop the run's abort mark once the run is over (in the flow's process)."""
+    with _aborted_lock:
+        _aborted_runs.discard(flow_run_id or "")
+
+
+def is_aborted(res: Resources, flow_run_id: str | None, *, away_from_flow: bool) -> bool:
+    """Has this flow run stopped (a refused key)? Its remaining batches must not send.
+
+    ``away_from_flow``: the batch runs in another process than its flow (a Dask worker),
+    where the in-process mark is not complete and the ledger's stop mark is asked.
+    """
+    with _aborted_lock:
+        if (flow_run_id or "") in _aborted_runs:
+            return True
+    if flow_run_id is None or not away_from_flow:
+        return False
+    with res.engine.connect() as conn:
+        stopped = ledger.is_stopped(conn, flow_run_id)
+    if stopped:
+        _abort(flow_run_id)
+    return stopped
+
+
+@dataclass
+class BatchReport:
+    """What one batch did (this attempt)."""
+
+    claimed: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+async def send_batch(
+    res: Resources,
+    trigger: Trigger,
+    ledger_ids: Sequence[int],
+    *,
+    flow_run_id: str | None,
+    away_from_flow: bool = False,
+) -> BatchReport:
+    """Claim the batch's planned rows, render, send, and record every answer.
+
+    Raises:
+        TransientError: some messages were not accepted yet (429/5xx); they are back
+            to ``planned`` and a retry sends them (never the others).
+        FatalRunError: the key was refused; nothing unsent is marked sent, the run's
+            stop mark is set.
+    """
+    if is_aborted(res, flow_run_id, away_from_flow=away_from_flow):
+        return BatchReport()
+    # A configuration error stops here, before anything is claimed.
+    mailer = res.mailer()
+    unsub = res.unsubscribe(trigger)
+    with res.engine.begin() as conn:
+        claimed = ledger.claim(conn, ledger_ids, flow_run_id=flow_run_id)
+    if not claimed:
+        return BatchReport()
+
+    results: list[SendResult] = []
+    messages: list[OutboundMessage] = []
+    # Quiet hours (a ``send_window`` in the context): outside it a message is scheduled for
+    # the next opening with ``send_at``, or — beyond SendGrid's 72 h — handed back to
+    # ``planned`` for a later run. Never dropped.
+    now = utcnow()
+    deferred: list[int] = []
+    for c in claimed:
+        when = schedule(c.context.get("send_window"), now)
+        if when.later:
+            deferred.append(c.id)
+            continue
+        try:
+            messages.append(
+                build_message(
+                    c, trigger, res.renderer, unsubscribe=unsub, send_at=when.send_at_unix
+                )
+            )
+        except TemplateError as exc:
+            results.append(SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0))
+
+    try:
+        async with mailer:
+            results.extend(await mailer.send_many(messages))
+    except FatalRunError as exc:
+        _abort(flow_run_id)
+        results.extend(exc.settled)
+        settled_ids = {r.ledger_id for r in results}
+        with res.engine.begin() as conn:
+            ledger.settle(conn, results)
+            ledger.release(
+                conn,
+                [m.ledger_id for m in messages if m.ledger_id not in settled_ids] + deferred,
+                reason=f"{STOPPED_REASON} ({exc})",
+            )
+            ledger.mark_stopped(conn, flow_run_id, str(exc))
+        raise FatalRunError(str(exc)) from None
+
+    with res.engine.begin() as conn:
+        ledger.settle(conn, results)
+        ledger.release(conn, deferred, reason=DEFERRED_REASON)
+    outcomes = Counter(r.outcome.value for r in results)
+    if deferred:
+        outcomes["deferred"] = len(deferred)
+    pending = [r for r in results if r.outcome is Outcome.RETRY]
+    if pending:
+        raise TransientError(
+            f"{len(pending)} of {len(claimed)} messages not accepted yet "
+            f"({pending[0].reason}); they are back to planned and will be retried"
+        )
+    return BatchReport(claimed=len(claimed), outcomes=dict(outcomes))
