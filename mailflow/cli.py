@@ -180,7 +180,7 @@ def demo(
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     url = f"sqlite:///{db_path}"
     os.environ["MAILFLOW_WAREHOUSE_URL"] = url
-    os.environ.setdefault("MAILFLOW_DEMO", "true")
+    os.environ["MAILFLOW_DEMO"] = "true"  # the demo is the one place demo mode is asked for
     # The demo runs offline: no usage telemetry from the temporary Prefect server.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server can take a while to start on a small, busy machine.

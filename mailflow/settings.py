@@ -35,9 +35,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAILFLOW_", extra="ignore")
 
     demo: bool = Field(
-        default=True,
-        description="Demo mode: talk to the local SendGrid API with the demo key. "
-        "Set MAILFLOW_DEMO=false in production.",
+        default=False,
+        description="Demo mode: the local SendGrid API's demo key and a public demo signing "
+        "secret stand in for missing secrets. Only `mailflow demo`, the tests and the "
+        "benchmarks turn it on (MAILFLOW_DEMO=true); a production process never has it.",
     )
     warehouse_url: str = Field(
         default=f"sqlite:///{DATA_DIR / 'warehouse.db'}",

@@ -55,7 +55,13 @@ def test_webhook_command_serves_and_stores_signed_events(tmp_path: Path) -> None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MAILFLOW_WEBHOOK_PUBLIC_KEY": public_b64}
+    # Production mode: the service needs its own unsubscribe signing key.
+    env = {
+        **os.environ,
+        "MAILFLOW_DEMO": "false",
+        "MAILFLOW_WEBHOOK_PUBLIC_KEY": public_b64,
+        "MAILFLOW_UNSUBSCRIBE_SECRET": "test-only-unsubscribe-secret-0123456789",
+    }
     log = tmp_path / "webhook.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(

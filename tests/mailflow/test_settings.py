@@ -53,3 +53,17 @@ def test_key_from_a_prefect_secret_block_in_sync_and_async_code() -> None:
 def test_a_missing_secret_block_names_the_fix() -> None:
     with pytest.raises(ConfigError, match="MAILFLOW_SENDGRID_API_KEY_BLOCK"):
         Settings(demo=False, sendgrid_api_key_block="no-such-block").api_key()
+
+
+def test_a_process_is_not_in_demo_mode_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Production by default: no demo key, no public demo signing secret.
+    monkeypatch.delenv("MAILFLOW_DEMO", raising=False)
+    monkeypatch.delenv("MAILFLOW_SENDGRID_API_KEY", raising=False)
+    monkeypatch.delenv("MAILFLOW_SENDGRID_API_KEY_BLOCK", raising=False)
+    monkeypatch.delenv("MAILFLOW_UNSUBSCRIBE_SECRET", raising=False)
+    settings = Settings()
+    assert settings.demo is False
+    with pytest.raises(ConfigError, match="MAILFLOW_SENDGRID_API_KEY"):
+        settings.api_key()
+    with pytest.raises(ConfigError, match="MAILFLOW_UNSUBSCRIBE_SECRET"):
+        settings.unsubscribe_key()
