@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.pipeline import run_trigger
+from mailflow.pipeline.options import BATCH_SIZE, MAX_BAD_SHARE, BatchSize, MaxBadShare
 from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 
@@ -23,8 +24,8 @@ def abandoned_cart(
     idle_hours: Annotated[float, Field(gt=0, le=168)] = 4.0,
     max_age_days: Annotated[float, Field(gt=0, le=30)] = 7.0,
     vip_threshold: Annotated[float, Field(ge=0)] = 1000.0,
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
-    max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
+    batch_size: BatchSize = BATCH_SIZE,
+    max_bad_share: MaxBadShare = MAX_BAD_SHARE,
     override_guardrail: bool = False,
 ) -> RunSummary:
     """Find abandoned carts, validate, plan in the ledger, render, send, record.
@@ -44,3 +45,8 @@ def abandoned_cart(
         max_bad_share=max_bad_share,
         override_guardrail=override_guardrail,
     )
+
+
+def demo_run() -> RunSummary:
+    """For the demo: remind the seeded shop's abandoned carts (a second call sends nothing)."""
+    return abandoned_cart()

@@ -23,6 +23,7 @@ from mailflow.campaigns.segments import Condition, Group, Segment
 from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError, MailflowError, TransientError
 from mailflow.pipeline import campaign as stages
+from mailflow.pipeline.options import BATCH_SIZE, MAX_BAD_SHARE, BatchSize, MaxBadShare
 from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 from mailflow.settings import get_settings
@@ -68,8 +69,8 @@ def campaign(
     dry_run: bool = False,
     samples_per_variant: Annotated[int, Field(ge=0, le=20)] = 3,
     approval_timeout_s: Annotated[int, Field(ge=1, le=7 * 86400)] = 86400,
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
-    max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
+    batch_size: BatchSize = BATCH_SIZE,
+    max_bad_share: MaxBadShare = MAX_BAD_SHARE,
     override_guardrail: bool = False,
 ) -> RunSummary:
     """Preview the campaign, wait for approval, then send it through the ledger.

@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.pipeline import run_trigger
+from mailflow.pipeline.options import BATCH_SIZE, MAX_BAD_SHARE, BatchSize, MaxBadShare
 from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 
@@ -19,8 +20,8 @@ from mailflow.runners import configured_task_runner
 )
 def order_status(
     max_age_hours: Annotated[float, Field(gt=0, le=720)] = 72.0,
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
-    max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
+    batch_size: BatchSize = BATCH_SIZE,
+    max_bad_share: MaxBadShare = MAX_BAD_SHARE,
     override_guardrail: bool = False,
 ) -> RunSummary:
     """Find recent shipped/delivered status changes, validate, plan, render, send, record.

@@ -10,6 +10,7 @@ from prefect import flow
 from pydantic import Field
 
 from flows.pipeline import run_trigger
+from mailflow.pipeline.options import BATCH_SIZE, MAX_BAD_SHARE, BatchSize, MaxBadShare
 from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 from mailflow.triggers.weekly_digest import WEEKDAYS, Weekday
@@ -27,8 +28,8 @@ def weekly_digest(
     hour: Annotated[int, Field(ge=0, le=23)] = 9,
     window_hours: Annotated[int, Field(ge=1, le=24)] = 1,
     open_cart_days: Annotated[float, Field(gt=0, le=90)] = 14.0,
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
-    max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
+    batch_size: BatchSize = BATCH_SIZE,
+    max_bad_share: MaxBadShare = MAX_BAD_SHARE,
     override_guardrail: bool = False,
 ) -> RunSummary:
     """Send the digest to customers whose local time is in the weekly slot now.

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from flows.pipeline import run_trigger
 from mailflow.clock import utcnow
+from mailflow.pipeline.options import BATCH_SIZE, MAX_BAD_SHARE, BatchSize, MaxBadShare
 from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 from tasks.watermark import advance_watermark, read_watermark
@@ -24,8 +25,8 @@ def welcome(
     lookback_hours: Annotated[float, Field(gt=0, le=168)] = 6.0,
     max_age_days: Annotated[float, Field(gt=0, le=30)] = 3.0,
     since: datetime | None = None,
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500,
-    max_bad_share: Annotated[float, Field(ge=0, le=1)] = 0.05,
+    batch_size: BatchSize = BATCH_SIZE,
+    max_bad_share: MaxBadShare = MAX_BAD_SHARE,
     override_guardrail: bool = False,
 ) -> RunSummary:
     """Read the watermark, welcome sign-ups since it, and advance it after a clean run.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mailflow import entrypoints
+from mailflow.pipeline.options import BATCH_SIZE
 from mailflow.settings import DATA_DIR, get_settings
+from mailflow.triggers import registry
 
 app = typer.Typer(
     help="mailflow: warehouse-native email notifications orchestrated by Prefect.",
@@ -227,7 +229,7 @@ def demo(
             f"to {events_url}"
         )
 
-        from flows.abandoned_cart import abandoned_cart
+        abandoned_cart = entrypoints.load("abandoned_cart", "demo_run")
 
         console.rule("[bold]3. abandoned-cart flow (Prefect)")
         t0 = time.perf_counter()
@@ -251,11 +253,9 @@ def demo(
         print_summary("second run", second)
 
         console.rule("[bold]6. more triggers: welcome, order status, weekly digest")
-        from flows.order_status import demo_run as order_status_demo
-        from flows.weekly_digest import demo_run as weekly_digest_demo
-        from flows.welcome import demo_run as welcome_demo
-
-        others = [welcome_demo(), order_status_demo(), weekly_digest_demo()]
+        others = [
+            entrypoints.load(name, "demo_run")() for name in registry() if name != "abandoned_cart"
+        ]
         _wait_for_events(sink)
         print_trigger_summaries(others)
         accepted = sink.stats().get("accepted", 0)
@@ -263,11 +263,10 @@ def demo(
     console.rule("[bold]7. engagement metrics: the rollup adds it all up")
     from datetime import timedelta
 
-    from flows.engagement_rollup import engagement_rollup
     from mailflow.clock import utcnow
     from mailflow.report import Period, funnel_chart, metrics_tables, period_metrics
 
-    engagement_rollup()
+    entrypoints.load(entrypoints.ROLLUP)()
     today = utcnow().date()
     # Yesterday too, in case the demo ran across midnight UTC.
     period = Period(today - timedelta(days=1), today)
@@ -335,35 +334,24 @@ def webhook(
 def run(
     trigger: Annotated[
         str,
-        typer.Argument(help="abandoned_cart, welcome, order_status, weekly_digest or rollup."),
+        typer.Argument(help=f"{', '.join(registry())} or rollup."),
     ],
-    batch_size: Annotated[int, typer.Option(min=1, max=1000)] = 500,
+    batch_size: Annotated[int, typer.Option(min=1, max=1000)] = BATCH_SIZE,
 ) -> None:
     """Run one flow now, with its default parameters, against the configured warehouse."""
-    from flows.abandoned_cart import abandoned_cart
-    from flows.engagement_rollup import engagement_rollup
-    from flows.order_status import order_status
-    from flows.weekly_digest import weekly_digest
-    from flows.welcome import welcome
-
-    flows: dict[str, Callable[..., Any]] = {
-        "abandoned_cart": abandoned_cart,
-        "welcome": welcome,
-        "order_status": order_status,
-        "weekly_digest": weekly_digest,
-    }
     if trigger == "rollup":
-        result = engagement_rollup()
+        result = entrypoints.load(entrypoints.ROLLUP)()
         console.print(
             f"rollup ({'full' if result['full'] else 'incremental'}): {result['messages']:,} "
             f"messages over {len(result['days'])} send days; see mailflow report"
         )
         return
-    if trigger not in flows:
+    if trigger not in registry():
         raise typer.BadParameter(
-            f"unknown trigger {trigger!r}; known: {', '.join(flows)}, rollup", param_hint="TRIGGER"
+            f"unknown trigger {trigger!r}; known: {', '.join(registry())}, rollup",
+            param_hint="TRIGGER",
         )
-    summary = flows[trigger](batch_size=batch_size)
+    summary = entrypoints.load(trigger)(batch_size=batch_size)
     print_summary(trigger, summary)
 
 

@@ -13,6 +13,7 @@ Rooms (each a module here):
 - ``message``: one claimed ledger row → one rendered :class:`OutboundMessage`.
 - ``send``: one batch — claim, render, send through the ``Mailer``, settle.
 - ``summary``: what one run did, completed from the ledger and stored in ``mf_runs``.
+- ``options``: the options every sending flow takes (batch size, bad-row share).
 - ``campaign``: a campaign's hooks around the same stages (arms and holdout, preview,
   approval decisions).
 
