@@ -23,14 +23,15 @@ from mailflow.campaigns.segments import Condition, Group, Segment
 from mailflow.clock import utcnow
 from mailflow.errors import DataQualityError, MailflowError, TransientError
 from mailflow.pipeline import campaign as stages
+from mailflow.pipeline import resources
 from mailflow.pipeline.options import BATCH_SIZE, MAX_BAD_SHARE, BatchSize, MaxBadShare
 from mailflow.pipeline.summary import RunSummary
 from mailflow.runners import configured_task_runner
 from mailflow.settings import get_settings
-from tasks.campaign import plan_campaign, preview_campaign, record_decision, request_approval
-from tasks.metrics import publish_results
+from tasks.campaign import plan_campaign, preview_campaign, request_approval
 from tasks.preflight import check_before_sending
 from tasks.record import record_summary
+from tasks.results import publish_results
 
 # Prefect builds the parameter model from this module's names: the recursive segment
 # types must be resolvable here.
@@ -136,15 +137,16 @@ def campaign(
             key=f"approval-{approval_id}",
         )
     except FlowPauseTimeout:
-        record_decision(approval_id, decision=stages.TIMED_OUT, approver=None, comment=None)
+        stages.time_out(resources.current(), approval_id)
         logger.error(
             "campaign %s: no approval within %d s; nothing was sent", spec.name, approval_timeout_s
         )
         raise
-    stages.decide(summary, approve=answer.approve, approver=answer.approver, comment=answer.comment)
-    record_decision(
+    stages.decide(
+        resources.current(),
+        summary,
         approval_id,
-        decision=str(summary.decision),
+        approve=answer.approve,
         approver=answer.approver,
         comment=answer.comment,
     )

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from prefect import flow
 from pydantic import Field
 
-from tasks.metrics import publish_metrics, refresh_campaign_results, rollup_engagement
+from tasks.metrics import publish_metrics, rollup_engagement
+from tasks.results import refresh_campaign_results
 
 
 @flow(

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, func, or_, select
 
 from mailflow.errors import FatalRunError
+from mailflow.ledger import Status
 from mailflow.warehouse.schema import events, send_ledger
 
 
@@ -44,7 +45,7 @@ def measure(conn: Connection, *, now: datetime, window: timedelta) -> Deliverabi
     sent = conn.execute(
         select(func.count())
         .select_from(send_ledger)
-        .where(send_ledger.c.status == "sent", send_ledger.c.sent_at >= since)
+        .where(send_ledger.c.status == Status.SENT, send_ledger.c.sent_at >= since)
     ).scalar_one()
     hard_bounce = (events.c.event == "bounce") & or_(
         events.c.bounce_type.is_(None), func.lower(events.c.bounce_type) != "blocked"

@@ -1,4 +1,4 @@
-"""Campaign stages as Prefect tasks: preview, approval record, plan.
+"""Campaign stages as Prefect tasks: preview, approval request, plan.
 
 The work is in :mod:`mailflow.pipeline.campaign` (and the shared stages it calls); these
 wrappers add the artifacts and the run's log lines.
@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 from mailflow.campaigns.assign import HOLDOUT
 from mailflow.campaigns.model import Campaign
 from mailflow.campaigns.preview import Preview, preview_markdown, write_samples
-from mailflow.campaigns.store import decide_approval, open_approval
+from mailflow.campaigns.store import open_approval
 from mailflow.pipeline import campaign as stages
 from mailflow.pipeline import resources
 from tasks.plan import log_plan
@@ -44,13 +44,7 @@ def preview_campaign(
         markdown=preview_markdown(campaign, preview),
         description=f"Preview of campaign {campaign.name}: audience, exclusions, samples.",
     )
-    get_run_logger().info(
-        "campaign %s: %d match, excluded %s, arms %s",
-        campaign.name,
-        preview.found,
-        preview.excluded or "none",
-        preview.arms,
-    )
+    get_run_logger().info(preview.line())
     return preview
 
 
@@ -59,16 +53,6 @@ def request_approval(campaign: Campaign, flow_run_id: str | None, preview: Previ
     """A ``pending`` row in ``mf_campaign_approvals`` with the numbers shown."""
     with resources.current().engine.begin() as conn:
         return open_approval(conn, campaign, flow_run_id=flow_run_id, preview=preview.counts())
-
-
-def record_decision(
-    approval_id: int, *, decision: str, approver: str | None, comment: str | None
-) -> None:
-    """Who decided what, and when (a plain function: it also runs while the run is paused)."""
-    with resources.current().engine.begin() as conn:
-        decide_approval(
-            conn, approval_id, decision=decision, approver=approver, comment=comment or None
-        )
 
 
 @task(name="campaign-plan", cache_policy=NONE, persist_result=False)
@@ -80,8 +64,9 @@ def plan_campaign(
     batch_size: int,
 ) -> stages.CampaignPlan:
     """After approval: the audience again, assignments, the ledger (see the core)."""
+    res = resources.current()
     result = stages.plan_campaign(
-        resources.current(),
+        res,
         campaign,
         now,
         flow_run_id=flow_run_id,

@@ -54,6 +54,13 @@ class Preview:
         """Messages that would be sent (the holdout is not)."""
         return sum(n for arm, n in self.arms.items() if arm != HOLDOUT)
 
+    def line(self) -> str:
+        """One log line: who matches, who is left out and why, the arms."""
+        return (
+            f"campaign {self.campaign}: {self.found} match, excluded "
+            f"{self.excluded or 'none'}, arms {self.arms}"
+        )
+
     def counts(self) -> dict[str, Any]:
         """JSON-friendly numbers, without the samples."""
         data = asdict(self)

@@ -13,6 +13,7 @@ from decimal import Decimal
 from sqlalchemy import Engine, func, insert, select
 
 from mailflow.clock import utcnow
+from mailflow.ledger import Status
 from mailflow.warehouse.schema import cart_items, events, orders, send_ledger
 
 
@@ -43,7 +44,7 @@ def shoppers_return(
         )
         sent = conn.execute(
             select(send_ledger.c.id, send_ledger.c.customer_id, send_ledger.c.dedupe_key).where(
-                send_ledger.c.trigger == "abandoned_cart", send_ledger.c.status == "sent"
+                send_ledger.c.trigger == "abandoned_cart", send_ledger.c.status == Status.SENT
             )
         ).all()
         chosen = [

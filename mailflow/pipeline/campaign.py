@@ -24,7 +24,7 @@ from mailflow import ledger
 from mailflow.campaigns.assign import HOLDOUT, assign
 from mailflow.campaigns.model import Campaign
 from mailflow.campaigns.preview import Preview, Sample
-from mailflow.campaigns.store import record_assignments, save_campaign
+from mailflow.campaigns.store import decide_approval, record_assignments, save_campaign
 from mailflow.campaigns.trigger import campaign_trigger
 from mailflow.campaigns.window import schedule
 from mailflow.pipeline import audience as audience_stage
@@ -192,10 +192,28 @@ def start_summary(campaign: Campaign, flow_run_id: str | None, preview: Preview)
     )
 
 
-def decide(summary: RunSummary, *, approve: bool, approver: str, comment: str) -> None:
-    """Record the marketer's answer on the summary."""
+def decide(
+    res: Resources,
+    summary: RunSummary,
+    approval_id: int,
+    *,
+    approve: bool,
+    approver: str,
+    comment: str,
+) -> None:
+    """Record the marketer's answer on the summary and in ``mf_campaign_approvals``."""
     summary.decision = APPROVED if approve else REJECTED
     summary.approver, summary.comment = approver, comment
+    with res.engine.begin() as conn:
+        decide_approval(
+            conn, approval_id, decision=summary.decision, approver=approver, comment=comment or None
+        )
+
+
+def time_out(res: Resources, approval_id: int) -> None:
+    """Nobody answered in time: the approval request is closed, nothing is sent."""
+    with res.engine.begin() as conn:
+        decide_approval(conn, approval_id, decision=TIMED_OUT, approver=None, comment=None)
 
 
 @dataclass
