@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from tasks.metrics import publish_metrics, rollup_engagement
+from tasks.reconcile import reconcile_sends
 from tasks.results import refresh_campaign_results
 
 
@@ -21,7 +23,7 @@ def engagement_rollup(
     report_days: Annotated[int, Field(ge=1, le=366)] = 7,
     campaign_days: Annotated[int, Field(ge=1, le=90)] = 14,
 ) -> dict[str, Any]:
-    """Update the metric tables incrementally and publish the recent numbers.
+    """Reconcile ambiguous sends, update the metric tables incrementally, publish.
 
     Args:
         full: Rebuild every fact and day instead of only what changed (also picks up
@@ -32,7 +34,9 @@ def engagement_rollup(
         campaign_days: Campaigns that sent within this many days get their experiment
             results (`mf_campaign_results` and artifact) recomputed.
     """
+    reconciled = reconcile_sends(flow_run.get_id())
     result = rollup_engagement(full, attribution_hours)
+    result["reconciled"] = reconciled
     result["metrics"] = publish_metrics(report_days)
     result["campaigns"] = refresh_campaign_results(campaign_days)
     return result

@@ -94,6 +94,6 @@ def run_trigger(
         error = DataQualityError(validated.gate_error)
     else:
         plan = plan_messages(trigger_name, validated.frame, params, run_id, batch_size)
-        summary.planned = plan.planned
+        summary.take_plan(plan)
         error = send_planned(trigger_name, plan.batches, run_id)
     return finish(summary, started, error)

@@ -3,14 +3,20 @@
 Every planned message gets a row in ``mf_send_ledger``, unique on its dedupe key,
 *before* anything is sent. A row moves::
 
-    planned ──claim──> sending ──> sent | failed | unknown
-       ^                  │
-       └── retry later ───┘  (429/5xx exhausted, or the run stopped on a bad key)
+    planned ──claim──> sending ──> sent | failed | unknown ──(event)──> sent
+     │ ^                  │                          │
+     │ └── retry later ───┘                          │ no event within the grace period
+     │ └─────────────────────────────────────────────┘ (never accepted): planned again
+     └──(stale: too late, or no longer due)──> expired | skipped
 
 ``claim`` is a compare-and-set (``UPDATE … WHERE status = 'planned'``), so of two
 overlapping runs only one can take a row; a row in ``sending`` is never sent again.
-A row left in ``sending`` by a crashed run is moved to ``unknown`` once its lease
-(:data:`LEASE`) has expired (it may or may not have reached the provider), never resent.
+A row left in ``sending`` by a crashed run becomes ``unknown`` once its lease has expired
+(it may or may not have reached the provider). Reconciliation resolves ``unknown``: a
+provider event that names the row proves SendGrid accepted it (:func:`confirm_by_events`,
+``sent``); a row no event names within the grace period, while events for later sends
+did arrive, was never accepted and is planned again (:func:`requeue_unconfirmed`).
+Every such decision is kept in ``mf_ledger_history``.
 
 This module owns every statement on ``mf_send_ledger`` that writes or decides: plan,
 claim, settle, release, expire, the run's tally, the stop mark (``mf_run_stops``) and
@@ -28,13 +34,13 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, func, select, update
+from sqlalchemy import Connection, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailflow.clock import utcnow
 from mailflow.mailer.base import Outcome, SendResult
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
-from mailflow.warehouse.schema import run_stops, send_ledger
+from mailflow.warehouse.schema import events, ledger_history, run_stops, send_ledger
 
 
 class Status(StrEnum):
@@ -45,6 +51,12 @@ class Status(StrEnum):
     SENT = "sent"  # accepted by the provider (202), with its message id
     FAILED = "failed"  # refused for good (400, a render error), with the reason
     UNKNOWN = "unknown"  # may have reached the provider (timeout, crash): not resent blindly
+    SKIPPED = "skipped"  # planned, then no longer due (suppressed, bought, cancelled): not sent
+    EXPIRED = "expired"  # planned, then too late to send (past the trigger's max_delay)
+
+
+#: States whose outcome at the provider is not known yet; reconciliation resolves them.
+AMBIGUOUS = (Status.SENDING, Status.UNKNOWN)
 
 
 #: States in which a row counts as "this recipient has heard (or will hear) from us".
@@ -172,24 +184,240 @@ def planned_ids(conn: Connection, trigger: str) -> list[int]:
     return [r[0] for r in rows]
 
 
-def expire_stale_claims(conn: Connection, trigger: str, *, lease: timedelta = LEASE) -> int:
-    """Rows stuck in ``sending`` past their lease (a crashed run) become ``unknown``."""
+def _decide(
+    conn: Connection,
+    decisions: Sequence[Mapping[str, Any]],
+    *,
+    from_states: Sequence[Status],
+    decision: str,
+    flow_run_id: str | None,
+) -> int:
+    """Move rows (``id``, ``status`` and optional ``reason``, ``provider_message_id``,
+    ``sent_at``) out of ``from_states``, one compare-and-set each, and keep each move that
+    happened in ``mf_ledger_history``. Returns how many moved."""
     now = utcnow()
-    result = conn.execute(
-        update(send_ledger)
-        .where(
-            send_ledger.c.trigger == trigger,
-            send_ledger.c.status == Status.SENDING,
-            send_ledger.c.claimed_at < now - lease,
-        )
-        .values(
-            status=Status.UNKNOWN,
-            reason="the run that was sending this stopped before recording an answer; "
-            "delivery unknown, not resent (check the provider's activity feed)",
-            updated_at=now,
-        )
+    cols = send_ledger.c
+    moved: list[dict[str, Any]] = []
+    for d in decisions:
+        values: dict[str, Any] = {
+            "status": d["status"],
+            "reason": d.get("reason"),
+            "updated_at": now,
+        }
+        for optional in ("provider_message_id", "sent_at"):
+            if d.get(optional) is not None:
+                values[optional] = d[optional]
+        row = conn.execute(
+            update(send_ledger)
+            .where(cols.id == d["id"], cols.status.in_(list(from_states)))
+            .values(**values)
+            .returning(cols.id)
+        ).first()
+        if row is not None:
+            moved.append(
+                {
+                    "ledger_id": d["id"],
+                    "from_status": d["from_status"],
+                    "to_status": d["status"],
+                    "decision": decision,
+                    "reason": d.get("reason"),
+                    "flow_run_id": flow_run_id,
+                    "at": now,
+                }
+            )
+    if moved:
+        conn.execute(ledger_history.insert(), moved)
+    return len(moved)
+
+
+def _move(
+    conn: Connection,
+    ids: Sequence[int],
+    from_status: Status,
+    to_status: Status,
+    reason: str,
+    decision: str,
+    flow_run_id: str | None,
+) -> int:
+    """Move ``ids`` from one state to another with one reason (see :func:`_decide`)."""
+    return _decide(
+        conn,
+        [{"id": i, "from_status": from_status, "status": to_status, "reason": reason} for i in ids],
+        from_states=[from_status],
+        decision=decision,
+        flow_run_id=flow_run_id,
     )
-    return result.rowcount or 0
+
+
+def expire_stale_claims(
+    conn: Connection,
+    trigger: str | None,
+    *,
+    lease: timedelta = LEASE,
+    flow_run_id: str | None = None,
+) -> int:
+    """Rows stuck in ``sending`` past their lease (a crashed run) become ``unknown``.
+
+    ``trigger`` None: every trigger's rows.
+    """
+    cols = send_ledger.c
+    cond = [cols.status == Status.SENDING, cols.claimed_at < utcnow() - lease]
+    if trigger is not None:
+        cond.append(cols.trigger == trigger)
+    ids = conn.execute(select(cols.id).where(*cond)).scalars().all()
+    reason = (
+        "the run that was sending this stopped before recording an answer; unknown until "
+        "a provider event confirms it or the grace period ends"
+    )
+    return _move(conn, ids, Status.SENDING, Status.UNKNOWN, reason, "lease_expired", flow_run_id)
+
+
+def _message_id(sg_message_id: str | None) -> str | None:
+    """The ``X-Message-Id`` part of an event's ``sg_message_id`` (``<id>.filter…``)."""
+    return sg_message_id.split(".", 1)[0] if sg_message_id else None
+
+
+def confirm_by_events(
+    conn: Connection,
+    *,
+    ledger_ids: Iterable[int] | None = None,
+    trigger: str | None = None,
+    flow_run_id: str | None = None,
+) -> int:
+    """Ambiguous rows (``sending`` or ``unknown``) that a provider event names were
+    accepted by the provider: they become ``sent``, with the message id from the event.
+
+    Any event counts (``processed``, ``delivered``, ``deferred``, ``bounce``, ``dropped``,
+    ...): SendGrid only reports on messages it accepted. ``ledger_ids`` limits the check to
+    those rows (the webhook passes the ids of the events it just stored); ``trigger``
+    to one trigger's rows. Returns how many rows were confirmed.
+    """
+    cols, ev = send_ledger.c, events.c
+    first_event = select(func.min(ev.id)).where(ev.ledger_id == cols.id).scalar_subquery()
+    base = select(cols.id, cols.status, cols.claimed_at, first_event.label("event_id")).where(
+        cols.status.in_(list(AMBIGUOUS))
+    )
+    if trigger is not None:
+        base = base.where(cols.trigger == trigger)
+    found: list[Any] = []
+    if ledger_ids is None:
+        found = [r for r in conn.execute(base) if r.event_id is not None]
+    else:
+        ids = sorted(set(ledger_ids))
+        for start in range(0, len(ids), _CHUNK):
+            part = conn.execute(base.where(cols.id.in_(ids[start : start + _CHUNK])))
+            found.extend(r for r in part if r.event_id is not None)
+    if not found:
+        return 0
+    event_of = {
+        e.id: e
+        for start in range(0, len(found), _CHUNK)
+        for e in conn.execute(
+            select(ev.id, ev.event, ev.occurred_at, ev.sg_message_id).where(
+                ev.id.in_([r.event_id for r in found[start : start + _CHUNK]])
+            )
+        )
+    }
+    now = utcnow()
+    decisions = []
+    for r in found:
+        e = event_of[r.event_id]
+        decisions.append(
+            {
+                "id": r.id,
+                "from_status": r.status,
+                "status": Status.SENT,
+                "reason": f"confirmed by event {e.event} at {e.occurred_at.isoformat()}Z",
+                "provider_message_id": _message_id(e.sg_message_id),
+                "sent_at": r.claimed_at or now,
+            }
+        )
+    return _decide(
+        conn, decisions, from_states=AMBIGUOUS, decision="confirmed", flow_run_id=flow_run_id
+    )
+
+
+def requeue_unconfirmed(
+    conn: Connection, trigger: str, *, grace: timedelta, flow_run_id: str | None = None
+) -> int:
+    """``unknown`` rows of ``trigger`` that no provider event named within ``grace`` of
+    their last attempt were never accepted: they go back to ``planned`` to be sent once.
+
+    Only while events demonstrably arrive: some event was received after the row's last
+    attempt. If the webhook has gone quiet, nothing is requeued (it could be the webhook
+    that is missing, not the message).
+    """
+    cols, ev = send_ledger.c, events.c
+    cutoff = utcnow() - grace
+    ids = (
+        conn.execute(
+            select(cols.id).where(
+                cols.trigger == trigger,
+                cols.status == Status.UNKNOWN,
+                cols.claimed_at < cutoff,
+                ~exists().where(ev.ledger_id == cols.id),
+                exists().where(ev.received_at > cols.claimed_at),
+            )
+        )
+        .scalars()
+        .all()
+    )
+    reason = (
+        f"no provider event named it within {grace} of its last attempt: never accepted; "
+        "planned again"
+    )
+    return _move(conn, ids, Status.UNKNOWN, Status.PLANNED, reason, "resend", flow_run_id)
+
+
+def unresolved(conn: Connection, trigger: str | None = None) -> int:
+    """Rows still ``unknown`` (of ``trigger``, or of every trigger)."""
+    cond = [send_ledger.c.status == Status.UNKNOWN]
+    if trigger is not None:
+        cond.append(send_ledger.c.trigger == trigger)
+    return conn.execute(select(func.count()).select_from(send_ledger).where(*cond)).scalar_one()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingRow:
+    """A planned row an earlier run left behind, to be re-checked before it goes."""
+
+    id: int
+    dedupe_key: str
+    email: str
+    customer_id: int | None
+    created_at: datetime
+
+
+def planned_by_earlier_runs(
+    conn: Connection, trigger: str, flow_run_id: str | None
+) -> list[WaitingRow]:
+    """Planned rows of ``trigger`` that another run planned or handed back."""
+    cols = send_ledger.c
+    cond = [cols.trigger == trigger, cols.status == Status.PLANNED]
+    if flow_run_id is not None:
+        cond.append(or_(cols.flow_run_id.is_(None), cols.flow_run_id != flow_run_id))
+    rows = conn.execute(
+        select(cols.id, cols.dedupe_key, cols.email, cols.customer_id, cols.created_at)
+        .where(*cond)
+        .order_by(cols.id)
+    )
+    return [WaitingRow(r.id, r.dedupe_key, r.email, r.customer_id, r.created_at) for r in rows]
+
+
+def settle_stale(
+    conn: Connection, decisions: Sequence[tuple[int, Status, str]], *, flow_run_id: str | None
+) -> int:
+    """Planned rows that must not go: ``expired`` or ``skipped`` with the reason."""
+    return _decide(
+        conn,
+        [
+            {"id": i, "from_status": Status.PLANNED, "status": st, "reason": why}
+            for i, st, why in decisions
+        ],
+        from_states=[Status.PLANNED],
+        decision="stale",
+        flow_run_id=flow_run_id,
+    )
 
 
 def claim(conn: Connection, ids: Sequence[int], *, flow_run_id: str | None) -> list[ClaimedMessage]:

@@ -103,6 +103,34 @@ class Settings(BaseSettings):
     send_task_retry_delays_s: list[float] = Field(
         default=[2.0, 10.0, 30.0], description="Delay before each batch retry (seconds)."
     )
+    # --- resolving ambiguous sends (mailflow/ledger.py, mailflow/pipeline/reconcile.py) ---
+    event_webhook: bool = Field(
+        default=False,
+        description="SendGrid's Event Webhook posts to mailflow's webhook service (`mailflow "
+        "webhook`). Only then is an ambiguous send that no event confirms within "
+        "MAILFLOW_RECONCILE_GRACE_S sent again; without it such a send stays `unknown`.",
+    )
+    reconcile_grace_s: float = Field(
+        default=1800,
+        ge=0,
+        le=7 * 86400,
+        description="How long after its last attempt an ambiguous send waits for a provider "
+        "event before it counts as never accepted (SendGrid posts `processed` within seconds).",
+    )
+    claim_lease_s: float = Field(
+        default=1800,
+        gt=0,
+        le=86400,
+        description="How long a claimed row may stay `sending` before a later run treats the "
+        "run that claimed it as gone (a crash).",
+    )
+    settle_every: int = Field(
+        default=25,
+        ge=1,
+        le=1000,
+        description="Provider answers written to the ledger per group while a batch is "
+        "sending, so a crash leaves only the requests in flight ambiguous.",
+    )
     # --- campaigns (mailflow/campaigns) and the frequency cap (mailflow/extract.py) ---
     frequency_cap: int = Field(
         default=3,

@@ -37,11 +37,12 @@ def plan_messages(
 def log_plan(trigger_name: str, result: Plan, batch_size: int) -> None:
     """What planning did, in the run's log."""
     logger = get_run_logger()
-    if result.expired:
+    reconciled = result.reconciled
+    if reconciled.counts():
+        logger.warning("%s: before sending, %s", trigger_name, reconciled.counts())
+    if reconciled.note:
         logger.warning(
-            "%s: %d messages were left mid-send by a stopped run; marked unknown, not resent",
-            trigger_name,
-            result.expired,
+            "%s: %d sends still unknown. %s", trigger_name, reconciled.unresolved, reconciled.note
         )
     logger.info(
         "%s: %d messages planned in %d batches of up to %d",

@@ -149,6 +149,8 @@ def campaign_trigger(campaign: Campaign) -> Trigger:
         # records sharing an inbox get one message between them, on reruns too.
         cooldown=ONCE_PER_CAMPAIGN,
         defaults={},
+        # Rows waiting for a send window beyond SendGrid's 72 h go out on a later run.
+        max_delay=timedelta(days=7),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -48,12 +48,18 @@ class SendResult:
 class Mailer(Protocol):
     """Sends batches of messages. Implementations retry transient failures themselves.
 
-    ``send_many`` returns one result per message, in any order. It raises
-    ``FatalRunError`` when the provider refuses the credentials (401/403): the
-    caller must stop the run, and nothing of the batch counts as sent.
+    ``send_many`` returns one result per message, in any order, and hands each result to
+    ``on_result`` (in the event loop) the moment it is known, so the caller can record
+    answers while the rest are in flight. It raises ``FatalRunError`` when the provider
+    refuses the credentials (401/403): the caller must stop the run, and nothing of the
+    batch counts as sent.
     """
 
-    async def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]: ...
+    async def send_many(
+        self,
+        messages: Sequence[OutboundMessage],
+        on_result: Callable[[SendResult], None] | None = None,
+    ) -> list[SendResult]: ...
 
     async def aclose(self) -> None: ...
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -175,15 +175,25 @@ class SendGridMailer:
                 pass
         return fallback
 
-    async def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
-        """Send every message; one result each. Raises ``FatalSendError`` on 401/403."""
+    async def send_many(
+        self,
+        messages: Sequence[OutboundMessage],
+        on_result: Callable[[SendResult], None] | None = None,
+    ) -> list[SendResult]:
+        """Send every message; one result each, also handed to ``on_result`` as it comes.
+
+        Raises ``FatalSendError`` on 401/403.
+        """
         session = await self._get_session()
         settled: list[SendResult] = []
         sem = asyncio.Semaphore(self._concurrency)
 
         async def one(msg: OutboundMessage) -> None:
             async with sem:
-                settled.append(await self._send_one(session, msg))
+                result = await self._send_one(session, msg)
+            settled.append(result)
+            if on_result is not None:
+                on_result(result)
 
         try:
             async with asyncio.TaskGroup() as group:

@@ -270,4 +270,5 @@ def take_plan(summary: RunSummary, planned: CampaignPlan) -> None:
     """Put the post-approval audience and plan numbers on the summary."""
     a = planned.audience
     summary.found, summary.excluded, summary.arms = a.found, a.exclusions(), a.arms()
-    summary.planned = planned.plan.planned if planned.plan is not None else 0
+    if planned.plan is not None:
+        summary.take_plan(planned.plan)

@@ -8,12 +8,14 @@ trigger, the experiment arm for a campaign), and the ledger keeps keys unique.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from mailflow import ledger
+from mailflow.clock import utcnow
+from mailflow.pipeline.reconcile import Reconciled, recheck, resolve
 from mailflow.pipeline.resources import Resources
 from mailflow.triggers.base import Trigger
 
@@ -26,7 +28,12 @@ class Plan:
 
     batches: list[list[int]]
     offered: int  # rows offered to the ledger this run (known keys are left alone)
-    expired: int  # rows a stopped run left in ``sending``, now ``unknown``
+    reconciled: Reconciled = field(default_factory=Reconciled)
+
+    @property
+    def expired(self) -> int:
+        """Rows a stopped run left in ``sending``, now ``unknown``."""
+        return self.reconciled.lease_expired
 
     @property
     def planned(self) -> int:
@@ -59,13 +66,14 @@ def plan(
 ) -> Plan:
     """Write ``planned`` ledger rows for ``frame`` and return the ids to send, in batches.
 
+    First the trigger's ambiguous sends are reconciled (:mod:`mailflow.pipeline.reconcile`).
     The batches also hold rows an earlier run planned but never claimed (it stopped
-    before sending them): they are safe to send, and nothing planned is left behind.
+    before sending them, or reconciliation handed them back): they go once they pass the
+    stale re-check, and nothing planned is left behind.
     """
     engine = res.engine
     shop = res.shop()
-    with engine.begin() as conn:
-        expired = ledger.expire_stale_claims(conn, trigger.name)
+    reconciled = resolve(res, trigger.name, flow_run_id=flow_run_id)
     offered = 0
     for start in range(0, len(frame), _CHUNK):
         part = frame.iloc[start : start + _CHUNK]
@@ -80,7 +88,8 @@ def plan(
                 ),
                 flow_run_id=flow_run_id,
             )
+    reconciled.stale = recheck(res, trigger, now=utcnow(), params=params, flow_run_id=flow_run_id)
     with engine.connect() as conn:
         ids = ledger.planned_ids(conn, trigger.name)
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-    return Plan(batches=batches, offered=offered, expired=expired)
+    return Plan(batches=batches, offered=offered, reconciled=reconciled)

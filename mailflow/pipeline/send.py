@@ -7,10 +7,13 @@ requests concurrently over pooled connections.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
 
 from mailflow import ledger
 from mailflow.campaigns.window import schedule
@@ -60,6 +63,39 @@ def is_aborted(res: Resources, flow_run_id: str | None, *, away_from_flow: bool)
     return stopped
 
 
+class _Settler:
+    """Writes the provider's answers to the ledger in small groups while the batch is
+    still sending, so a crash leaves only the requests in flight ambiguous."""
+
+    def __init__(self, engine: Engine, every: int) -> None:
+        self._engine = engine
+        self._every = every
+        self._pending: list[SendResult] = []
+        self._writes: list[asyncio.Future[None]] = []
+        self._lock = threading.Lock()  # one writer per batch; groups in any order
+
+    def add(self, result: SendResult) -> None:
+        """Take one answer (called in the event loop); write a group once it is full."""
+        self._pending.append(result)
+        if len(self._pending) >= self._every:
+            self._write_soon()
+
+    def _write_soon(self) -> None:
+        group, self._pending = self._pending, []
+        self._writes.append(asyncio.ensure_future(asyncio.to_thread(self._write, group)))
+
+    def _write(self, group: list[SendResult]) -> None:
+        with self._lock, self._engine.begin() as conn:
+            ledger.settle(conn, group)
+
+    async def drain(self) -> None:
+        """Write what is left and wait for every group (a failed write raises)."""
+        if self._pending:
+            self._write_soon()
+        writes, self._writes = self._writes, []
+        await asyncio.gather(*writes)
+
+
 @dataclass
 class BatchReport:
     """What one batch did (this attempt)."""
@@ -94,7 +130,7 @@ async def send_batch(
     if not claimed:
         return BatchReport()
 
-    results: list[SendResult] = []
+    unrendered: list[SendResult] = []
     messages: list[OutboundMessage] = []
     # Quiet hours (a ``send_window`` in the context): outside it a message is scheduled for
     # the next opening with ``send_at``, or — beyond SendGrid's 72 h — handed back to
@@ -113,17 +149,20 @@ async def send_batch(
                 )
             )
         except TemplateError as exc:
-            results.append(SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0))
+            unrendered.append(
+                SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
+            )
 
+    settler = _Settler(res.engine, res.settings.settle_every)
     try:
         async with mailer:
-            results.extend(await mailer.send_many(messages))
+            sent = await mailer.send_many(messages, on_result=settler.add)
     except FatalRunError as exc:
         _abort(flow_run_id)
-        results.extend(exc.settled)
-        settled_ids = {r.ledger_id for r in results}
+        await settler.drain()
+        settled_ids = {r.ledger_id for r in [*unrendered, *exc.settled]}
         with res.engine.begin() as conn:
-            ledger.settle(conn, results)
+            ledger.settle(conn, unrendered)
             ledger.release(
                 conn,
                 [m.ledger_id for m in messages if m.ledger_id not in settled_ids] + deferred,
@@ -132,8 +171,10 @@ async def send_batch(
             ledger.mark_stopped(conn, flow_run_id, str(exc))
         raise FatalRunError(str(exc)) from None
 
+    await settler.drain()
+    results = [*unrendered, *sent]
     with res.engine.begin() as conn:
-        ledger.settle(conn, results)
+        ledger.settle(conn, unrendered)
         ledger.release(conn, deferred, reason=DEFERRED_REASON)
     outcomes = Counter(r.outcome.value for r in results)
     if deferred:

@@ -14,6 +14,7 @@ from typing import Any
 from mailflow import ledger
 from mailflow.clock import utcnow
 from mailflow.pipeline.audience import Validated
+from mailflow.pipeline.plan import Plan
 from mailflow.pipeline.resources import Resources
 from mailflow.warehouse.schema import run_log
 
@@ -35,6 +36,11 @@ class RunSummary:
     unknown: int = 0
     pending: int = 0  # this run's rows not settled: back to planned, a later run sends them
     deferred: int = 0  # of those, waiting for the recipient's send window (not an error)
+    # Ambiguous sends resolved and stale rows settled before sending, by decision
+    # (mailflow/pipeline/reconcile.py), and what is still unresolved (every run's rows).
+    reconciled: dict[str, int] = field(default_factory=dict)
+    unresolved: int = 0
+    notes: list[str] = field(default_factory=list)
     error: str | None = None
     # A campaign's: its approval (dry_run | approved | rejected | timed_out | gate_failed)
     # and how many recipients each arm (holdout included) has.
@@ -90,9 +96,26 @@ class RunSummary:
             {"stage": "send", "what": f"failed: {k}", "count": v}
             for k, v in sorted(self.failed.items(), key=lambda kv: -kv[1])
         ]
-        out.append({"stage": "send", "what": "unknown (not resent)", "count": self.unknown})
+        out.append({"stage": "send", "what": "unknown (awaiting events)", "count": self.unknown})
         out.append({"stage": "send", "what": "pending (next run)", "count": self.pending})
+        out += [
+            {"stage": "reconcile", "what": k, "count": v}
+            for k, v in sorted(self.reconciled.items())
+        ]
+        if self.unresolved:
+            out.append(
+                {"stage": "reconcile", "what": "still unknown (all runs)", "count": self.unresolved}
+            )
+        out += [{"stage": "note", "what": n, "count": 0} for n in self.notes]
         return out
+
+    def take_plan(self, plan: Plan) -> None:
+        """Take what planning found: the messages to send, and what reconciliation did."""
+        self.planned = plan.planned
+        self.reconciled = plan.reconciled.counts()
+        self.unresolved = plan.reconciled.unresolved
+        if plan.reconciled.note:
+            self.notes.append(plan.reconciled.note)
 
     def line(self) -> str:
         """The summary as one log line."""

@@ -106,4 +106,8 @@ TRIGGER = Trigger(
     one_per_customer=True,
     cooldown=timedelta(days=7),
     defaults={"idle_hours": 4.0, "max_age_days": 7.0, "vip_threshold": 1000.0},
+    # A reminder a day late, after the customer bought, is worse than none.
+    max_delay=timedelta(days=1),
+    recheck_condition=True,
+    stale_reason="the cart became an order, was emptied, or is in use again",
 )

@@ -55,6 +55,14 @@ class Trigger:
         build_contexts: rows (a frame) → one render context per row, same order.
         variant: row → template variant name, or ``None`` for the default.
         defaults: the trigger's parameter defaults (the flow's parameters override).
+        max_delay: how late the message may still go, counted from when it was first
+            planned; a row an earlier run left planned past it is ``expired``, never sent.
+            ``None``: no limit.
+        recheck_condition: before sending a row an earlier run planned, run the candidate
+            query again (with this run's parameters) and skip the row if it is no longer
+            a candidate (``stale_reason`` says why, e.g. the cart became an order). Off
+            for triggers whose query is a time slot or a scan window, not a condition.
+        stale_reason: what "no longer a candidate" means for this trigger.
     """
 
     name: str
@@ -68,6 +76,9 @@ class Trigger:
     one_per_customer: bool = True
     cooldown: timedelta | None = None
     defaults: Mapping[str, Any] | None = None
+    max_delay: timedelta | None = timedelta(days=1)
+    recheck_condition: bool = False
+    stale_reason: str = "the trigger's condition no longer holds"
 
     @property
     def dedupe_prefix(self) -> str:

@@ -85,6 +85,8 @@ def candidates(now: datetime, p: Mapping[str, Any]) -> Any:
         .join(customers, customers.c.id == orders.c.customer_id)
         # "On its way" after the parcel arrived is noise: only "delivered" goes then.
         .where(~and_(changes.c.status == "shipped", already_delivered))
+        # A cancelled order gets no "shipped" or "delivered" mail (the history may lag).
+        .where(orders.c.status != "cancelled")
     )
 
 
@@ -139,4 +141,7 @@ TRIGGER = Trigger(
     one_per_customer=False,
     cooldown=None,
     defaults={"max_age_hours": 72.0},
+    max_delay=timedelta(days=2),
+    recheck_condition=True,
+    stale_reason="the order was cancelled, or a shipped order was delivered meanwhile",
 )

@@ -332,4 +332,6 @@ TRIGGER = Trigger(
     # keeps a second customer record on the same inbox from getting its own copy.
     cooldown=timedelta(days=5),
     defaults={"weekday": "monday", "hour": 9, "window_hours": 1, "open_cart_days": 14.0},
+    # Monday's digest on Monday evening at the latest; its slot is a time, not a condition.
+    max_delay=timedelta(hours=12),
 )

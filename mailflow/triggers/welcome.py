@@ -86,4 +86,5 @@ TRIGGER = Trigger(
     one_per_customer=True,
     cooldown=timedelta(days=7),
     defaults={"since": None, "lookback_hours": 6.0, "max_age_days": 3.0},
+    max_delay=timedelta(days=2),
 )

@@ -150,6 +150,21 @@ run_stops = Table(
     Column("stopped_at", DateTime, nullable=False),
 )
 
+#: What was decided about a ledger row after it was tried (``mailflow.ledger``): confirmed
+#: by a provider event, handed back to be sent again, skipped or expired as stale.
+ledger_history = Table(
+    "mf_ledger_history",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("ledger_id", Id, nullable=False, index=True),
+    Column("from_status", String(16), nullable=False),
+    Column("to_status", String(16), nullable=False),
+    Column("decision", String(32), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("flow_run_id", String(64), nullable=True),
+    Column("at", DateTime, nullable=False, index=True),
+)
+
 #: Rows that failed validation, per run, with the expectation that failed.
 quarantine = Table(
     "mf_quarantine",
@@ -277,8 +292,8 @@ rollup_state = Table(
     Column("updated_at", DateTime, nullable=False),
 )
 
-LEDGER_STATES = ("planned", "sending", "sent", "failed", "skipped", "unknown")
-TERMINAL_STATES = ("sent", "failed", "skipped", "unknown")
+LEDGER_STATES = ("planned", "sending", "sent", "failed", "skipped", "expired", "unknown")
+TERMINAL_STATES = ("sent", "failed", "skipped", "expired", "unknown")
 
 # --- more triggers (migration 0004) ---------------------------------------------------------
 

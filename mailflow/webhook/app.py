@@ -130,14 +130,20 @@ def create_app(
             log.exception("could not store %d webhook events", len(events))
             return _error(503, "unavailable", "could not store events; retry later")
         log.info(
-            "webhook batch: received=%d stored=%d duplicates=%d suppressed=%d",
+            "webhook batch: received=%d stored=%d duplicates=%d suppressed=%d confirmed=%d",
             result.received,
             result.stored,
             result.duplicates,
             result.suppressed,
+            result.confirmed,
         )
         return JSONResponse(
-            {"received": result.received, "stored": result.stored, "duplicates": result.duplicates}
+            {
+                "received": result.received,
+                "stored": result.stored,
+                "duplicates": result.duplicates,
+                "confirmed": result.confirmed,
+            }
         )
 
     async def healthz(_request: Request) -> Response:

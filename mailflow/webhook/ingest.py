@@ -4,7 +4,9 @@ SendGrid delivers at least once, sometimes re-sending an event with a new
 ``sg_event_id``; each event is therefore stored once by ``sg_event_id`` *and* by a
 natural key (message id, event, timestamp, email). Suppression effects are applied
 only for events stored by this call, so a late redelivery of an old
-``group_unsubscribe`` cannot undo a later ``group_resubscribe``.
+``group_unsubscribe`` cannot undo a later ``group_resubscribe``. An event also resolves
+an ambiguous send of its message (``unknown`` → ``sent``,
+:func:`mailflow.ledger.confirm_by_events`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, update
 
+from mailflow import ledger
 from mailflow.clock import utcnow
 from mailflow.extract import MARKETING_ONLY_SUPPRESSIONS
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
@@ -55,6 +58,7 @@ class IngestResult:
     stored: int
     duplicates: int
     suppressed: int
+    confirmed: int = 0  # ambiguous sends these events proved accepted (now ``sent``)
 
 
 def _text(value: Any, limit: int) -> str | None:
@@ -141,7 +145,7 @@ def store_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> Inges
     The caller owns the transaction: commit before acknowledging the webhook.
     """
     if not events:
-        return IngestResult(received=0, stored=0, duplicates=0, suppressed=0)
+        return IngestResult(received=0, stored=0, duplicates=0, suppressed=0, confirmed=0)
     now = utcnow()
     rows = [normalise(e, now) for e in events]
     # One executemany; RETURNING reports exactly the rows that were new, even with
@@ -159,11 +163,15 @@ def store_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> Inges
             seen.add(r["natural_key"])
             fresh.append(r)
     suppressed = _apply_suppressions(conn, fresh, now)
+    # An event names a message SendGrid accepted: an ambiguous send of it is resolved now.
+    named = {r["ledger_id"] for r in fresh if r["ledger_id"] is not None}
+    confirmed = ledger.confirm_by_events(conn, ledger_ids=named) if named else 0
     return IngestResult(
         received=len(rows),
         stored=len(stored_keys),
         duplicates=len(rows) - len(stored_keys),
         suppressed=suppressed,
+        confirmed=confirmed,
     )
 
 
