@@ -13,7 +13,7 @@ may have reached it is never sent again blindly):
 401 / 403                        ``FatalRunError``: the run stops at once
 429                              retried after ``X-RateLimit-Reset``
 5xx, refused/failed connect      retried with exponential backoff and jitter
-timeout after the request left   unknown: may have been delivered; not resent
+timeout after the request left   unknown: may have been delivered; reconciled by events
 connection dropped mid-request   unknown, for the same reason
 ===============================  ==========================================
 """
@@ -260,7 +260,7 @@ class SendGridMailer:
                     msg.ledger_id,
                     Outcome.UNKNOWN,
                     reason=f"no answer after the request was sent ({type(exc).__name__}); "
-                    "delivery unknown, not resent",
+                    "unknown until a provider event confirms it (or the grace period ends)",
                     attempts=attempt,
                 )
             if attempt < self._max_attempts:

@@ -7,7 +7,6 @@ builds the metric tables, which must agree with the events the warehouse holds.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,11 +22,10 @@ from mailflow import cli
 from mailflow.cli import app
 from mailflow.clock import utcnow
 from mailflow.settings import get_settings
-from mailflow.sink.testing import SinkHandle, running_sink
-from mailflow.warehouse.engine import get_engine, make_engine
+from mailflow.sink.testing import SinkHandle
+from mailflow.warehouse.engine import get_engine
 from mailflow.warehouse.schema import events, metrics_daily, orders, send_ledger, suppressions
-from mailflow.webhook.server import running_webhook
-from mailflow.webhook.signing import generate_keypair, private_key_pem
+from tests.events import hooked_sink, wait_for_events
 from tests.shop import Shopper, build_shop
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -38,30 +36,8 @@ SPECIAL = ("bounce1", "spam1", "unsub1", "open1", "open2")
 @pytest.fixture
 def sink(warehouse_url: str) -> Iterator[SinkHandle]:
     """The local SendGrid API posting signed events to the real webhook (overrides conftest's)."""
-    engine = make_engine(warehouse_url)
-    key, public_b64 = generate_keypair()
-    with (
-        running_webhook(engine, public_b64) as events_url,
-        running_sink(
-            webhook_url=events_url,
-            webhook_private_key=private_key_pem(key),
-            events_seed=3,
-            open_rate=0.5,
-            click_rate=0.5,
-        ) as handle,
-    ):
+    with hooked_sink(warehouse_url, events_seed=3, open_rate=0.5, click_rate=0.5) as handle:
         yield handle
-    engine.dispose()
-
-
-def wait_for_events(sink: SinkHandle) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        ev = sink.stats().get("events", {})
-        if ev.get("generated", 0) and not ev.get("pending", 0):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"events still pending: {sink.stats()}")
 
 
 def daily_totals() -> dict[str, Any]:
