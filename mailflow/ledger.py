@@ -55,10 +55,6 @@ class Status(StrEnum):
     EXPIRED = "expired"  # planned, then too late to send (past the trigger's max_delay)
 
 
-#: States whose outcome at the provider is not known yet; reconciliation resolves them.
-AMBIGUOUS = (Status.SENDING, Status.UNKNOWN)
-
-
 #: States in which a row counts as "this recipient has heard (or will hear) from us".
 NOTIFIED = (Status.PLANNED, Status.SENDING, Status.SENT, Status.UNKNOWN)
 
@@ -284,8 +280,9 @@ def confirm_by_events(
     trigger: str | None = None,
     flow_run_id: str | None = None,
 ) -> int:
-    """Ambiguous rows (``sending`` or ``unknown``) that a provider event names were
-    accepted by the provider: they become ``sent``, with the message id from the event.
+    """``unknown`` rows that a provider event names were accepted by the provider: they
+    become ``sent``, with the message id from the event. (A row still ``sending`` is left
+    to the run holding it, or to :func:`expire_stale_claims` once that run is gone.)
 
     Any event counts (``processed``, ``delivered``, ``deferred``, ``bounce``, ``dropped``,
     ...): SendGrid only reports on messages it accepted. ``ledger_ids`` limits the check to
@@ -295,7 +292,7 @@ def confirm_by_events(
     cols, ev = send_ledger.c, events.c
     first_event = select(func.min(ev.id)).where(ev.ledger_id == cols.id).scalar_subquery()
     base = select(cols.id, cols.status, cols.claimed_at, first_event.label("event_id")).where(
-        cols.status.in_(list(AMBIGUOUS))
+        cols.status == Status.UNKNOWN
     )
     if trigger is not None:
         base = base.where(cols.trigger == trigger)
@@ -333,7 +330,7 @@ def confirm_by_events(
             }
         )
     return _decide(
-        conn, decisions, from_states=AMBIGUOUS, decision="confirmed", flow_run_id=flow_run_id
+        conn, decisions, from_states=[Status.UNKNOWN], decision="confirmed", flow_run_id=flow_run_id
     )
 
 
@@ -461,8 +458,11 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
     """Record the provider's answers on rows this run holds (``sending``).
 
     ``RETRY`` puts the row back to ``planned`` with the reason, so a task retry or
-    the next run sends it; everything else is final.
+    the next run sends it; everything else is final, except that an ``UNKNOWN`` whose
+    provider event has already arrived (events can beat a late answer) is confirmed at
+    once (:func:`confirm_by_events`).
     """
+    results = list(results)
     now = utcnow()
     cols = send_ledger.c
     stmt = (
@@ -488,6 +488,9 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
     ]
     for start in range(0, len(params), _CHUNK):
         conn.execute(stmt, params[start : start + _CHUNK])
+    unknown = [r.ledger_id for r in results if r.outcome is Outcome.UNKNOWN]
+    if unknown:
+        confirm_by_events(conn, ledger_ids=unknown)
 
 
 def release(conn: Connection, ids: Sequence[int], *, reason: str) -> None:

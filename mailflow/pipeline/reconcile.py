@@ -2,13 +2,14 @@
 
 A send is ambiguous when the request may have reached SendGrid but no answer came back
 (a timeout, a dropped connection, a crash mid-batch): the ledger row is ``unknown``
-(or still ``sending`` past its lease). SendGrid has no idempotency key, but it posts an
-event for every message it accepted, and every message carries its ledger id in
-``custom_args``. So:
+(a crashed run's rows stay ``sending`` until their lease ends, then become ``unknown``).
+SendGrid has no idempotency key, but it posts an event for every message it accepted,
+and every message carries its ledger id in ``custom_args``. So:
 
 - a row an event names was accepted: ``sent`` (:func:`mailflow.ledger.confirm_by_events`;
-  the webhook does this the moment the event arrives, every sending flow and the rollup
-  again, in case the webhook missed it);
+  the webhook does this the moment the event arrives, the send stage when the late
+  answer is settled after its event, every sending flow and the rollup again, in case
+  the webhook missed it);
 - a row no event names within ``MAILFLOW_RECONCILE_GRACE_S`` of its last attempt, while
   events for other sends did arrive, was never accepted: ``planned`` again, and this run
   sends it once — but only when ``MAILFLOW_EVENT_WEBHOOK`` says the webhook is set up.
@@ -74,10 +75,10 @@ def resolve(res: Resources, trigger: str | None, *, flow_run_id: str | None = No
     s = res.settings
     out = Reconciled()
     with res.engine.begin() as conn:
-        out.confirmed = ledger.confirm_by_events(conn, trigger=trigger, flow_run_id=flow_run_id)
         out.lease_expired = ledger.expire_stale_claims(
             conn, trigger, lease=timedelta(seconds=s.claim_lease_s), flow_run_id=flow_run_id
         )
+        out.confirmed = ledger.confirm_by_events(conn, trigger=trigger, flow_run_id=flow_run_id)
         if trigger is not None and s.event_webhook:
             out.resent = ledger.requeue_unconfirmed(
                 conn,

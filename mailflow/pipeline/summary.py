@@ -129,6 +129,9 @@ class RunSummary:
             f"quarantined={fmt(self.quarantined)} planned={self.planned} sent={self.sent} "
             f"failed={self.failed_total} {fmt(self.failed) if self.failed else ''}"
             f"unknown={self.unknown} pending={self.pending}"
+            + (f" reconciled={fmt(self.reconciled)}" if self.reconciled else "")
+            + (f" still_unknown={self.unresolved}" if self.unresolved else "")
+            + "".join(f" note: {n}" for n in self.notes)
         )
 
     def description(self) -> str:

@@ -49,8 +49,12 @@ CART = get_trigger("abandoned_cart")
 
 @pytest.fixture
 def sink(warehouse_url: str) -> Iterator[SinkHandle]:
-    """The local SendGrid API posting signed events to the webhook (overrides conftest's)."""
-    with hooked_sink(warehouse_url, event_flush_ms=10, open_rate=0.0, click_rate=0.0) as handle:
+    """The local SendGrid API posting signed events to the webhook (overrides conftest's).
+
+    Events go out every 0.5 s, after the 0.3 s client timeouts below: the webhook finds
+    the rows ``unknown`` and confirms them. (Events that beat the late answer are found
+    when the answer is settled; the overlap test takes that path.)"""
+    with hooked_sink(warehouse_url, event_flush_ms=500, open_rate=0.0, click_rate=0.0) as handle:
         yield handle
 
 
@@ -107,11 +111,7 @@ def test_sends_that_timed_out_are_confirmed_by_their_events(env: Any, sink: Sink
             "ledger_id"
         ] == str(ledger_id)
         assert reason.startswith("confirmed by event ")
-    # The events may even beat the timeout (the row is still ``sending``): then the late
-    # "no answer" finds the row settled and leaves it alone.
-    assert {(to, why) for _, to, why in history(res)} == {("sent", "confirmed")}
-    assert {was for was, _, _ in history(res)} <= {"sending", "unknown"}
-    assert len(history(res)) == 3
+    assert history(res) == [("unknown", "sent", "confirmed")] * 3
     # Nothing was sent twice, and the next run has nothing left to resolve.
     sink.reset_faults()
     again = plan_run(res, CART, "r2")
@@ -221,10 +221,11 @@ def test_a_crashed_runs_claims_expire_then_resolve(env: Any, sink: SinkHandle) -
     # The crashed run's first message did reach SendGrid: its event names it.
     store_event(res, ids[0], "processed")
     out = reconcile.resolve(res, CART.name, flow_run_id="r2")
-    assert (out.confirmed, out.lease_expired, out.unresolved) == (1, 1, 1)
+    assert (out.lease_expired, out.confirmed, out.unresolved) == (2, 1, 1)
     assert history(res) == [
-        ("sending", "sent", "confirmed"),
         ("sending", "unknown", "lease_expired"),
+        ("sending", "unknown", "lease_expired"),
+        ("unknown", "sent", "confirmed"),
     ]
 
 
