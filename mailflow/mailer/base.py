@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -50,14 +50,15 @@ class Mailer(Protocol):
 
     ``send_many`` returns one result per message, in any order, and hands each result to
     ``on_result`` (in the event loop) the moment it is known, so the caller can record
-    answers while the rest are in flight. It raises ``FatalRunError`` when the provider
-    refuses the credentials (401/403): the caller must stop the run, and nothing of the
-    batch counts as sent.
+    answers while the rest are in flight. It draws from an async iterable only as fast
+    as it can send, so the caller can claim its rows just in time. It raises
+    ``FatalRunError`` when the provider refuses the credentials (401/403): the caller
+    must stop the run, and nothing of the batch counts as sent.
     """
 
     async def send_many(
         self,
-        messages: Sequence[OutboundMessage],
+        messages: Iterable[OutboundMessage] | AsyncIterable[OutboundMessage],
         on_result: Callable[[SendResult], None] | None = None,
     ) -> list[SendResult]: ...
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -177,28 +177,35 @@ class SendGridMailer:
 
     async def send_many(
         self,
-        messages: Sequence[OutboundMessage],
+        messages: Iterable[OutboundMessage] | AsyncIterable[OutboundMessage],
         on_result: Callable[[SendResult], None] | None = None,
     ) -> list[SendResult]:
         """Send every message; one result each, also handed to ``on_result`` as it comes.
 
-        Raises ``FatalSendError`` on 401/403.
+        ``concurrency`` workers each take the next message when they are free, so an
+        async iterable is drawn from only as fast as requests can go out (the send stage
+        claims its rows that way, a few at a time). Raises ``FatalSendError`` on 401/403.
         """
         session = await self._get_session()
         settled: list[SendResult] = []
-        sem = asyncio.Semaphore(self._concurrency)
+        source = _as_async(messages)
+        draw = asyncio.Lock()  # one worker at a time advances the source
 
-        async def one(msg: OutboundMessage) -> None:
-            async with sem:
+        async def worker() -> None:
+            while True:
+                async with draw:
+                    msg = await anext(source, None)
+                if msg is None:
+                    return
                 result = await self._send_one(session, msg)
-            settled.append(result)
-            if on_result is not None:
-                on_result(result)
+                settled.append(result)
+                if on_result is not None:
+                    on_result(result)
 
         try:
             async with asyncio.TaskGroup() as group:
-                for msg in messages:
-                    group.create_task(one(msg))
+                for _ in range(self._concurrency):
+                    group.create_task(worker())
         except* FatalSendError as eg:
             first = eg.exceptions[0]
             assert isinstance(first, FatalSendError)
@@ -272,3 +279,14 @@ class SendGridMailer:
             reason=f"gave up after {self._max_attempts} attempts: {reason}",
             attempts=self._max_attempts,
         )
+
+
+async def _as_async(
+    messages: Iterable[OutboundMessage] | AsyncIterable[OutboundMessage],
+) -> AsyncIterator[OutboundMessage]:
+    if isinstance(messages, AsyncIterable):
+        async for msg in messages:
+            yield msg
+    else:
+        for msg in messages:
+            yield msg

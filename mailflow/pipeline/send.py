@@ -2,7 +2,10 @@
 
 A batch (hundreds to a thousand messages) is the unit of a Prefect task, so Prefect's
 per-task cost is paid per batch, not per email. Inside a batch the mailer runs the
-requests concurrently over pooled connections.
+requests concurrently over pooled connections. Rows are claimed ``settle_every`` at a
+time as the mailer is ready for them, and answers are written in groups of the same
+size as they come back: a crash leaves only the requests in flight (plus at most a
+group either side) ambiguous, not the whole batch.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from mailflow import ledger
@@ -104,6 +108,61 @@ class BatchReport:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
+class _Feed:
+    """The batch's messages, claimed a few rows at a time as the mailer asks for them,
+    so rows wait in ``sending`` only while their request is (about to be) in flight."""
+
+    def __init__(
+        self,
+        res: Resources,
+        trigger: Trigger,
+        ledger_ids: Sequence[int],
+        *,
+        flow_run_id: str | None,
+        unsubscribe: tuple[str, SecretStr] | None,
+    ) -> None:
+        self._res, self._trigger, self._ids = res, trigger, list(ledger_ids)
+        self._run, self._unsub = flow_run_id, unsubscribe
+        self.claimed: list[int] = []
+        self.unrendered: list[SendResult] = []
+        # Quiet hours (a ``send_window`` in the context): outside it a message is scheduled
+        # for the next opening with ``send_at``, or — beyond SendGrid's 72 h — handed back
+        # to ``planned`` for a later run. Never dropped.
+        self.deferred: list[int] = []
+
+    def _claim(self, ids: list[int]) -> list[ledger.ClaimedMessage]:
+        with self._res.engine.begin() as conn:
+            return ledger.claim(conn, ids, flow_run_id=self._run)
+
+    async def messages(self) -> AsyncIterator[OutboundMessage]:
+        step = self._res.settings.settle_every
+        for start in range(0, len(self._ids), step):
+            if (self._run or "") in _aborted_runs:
+                return  # another batch of this run hit a refused key
+            claimed = await asyncio.to_thread(self._claim, self._ids[start : start + step])
+            self.claimed += [c.id for c in claimed]
+            now = utcnow()
+            for c in claimed:
+                when = schedule(c.context.get("send_window"), now)
+                if when.later:
+                    self.deferred.append(c.id)
+                    continue
+                try:
+                    msg = build_message(
+                        c,
+                        self._trigger,
+                        self._res.renderer,
+                        unsubscribe=self._unsub,
+                        send_at=when.send_at_unix,
+                    )
+                except TemplateError as exc:
+                    self.unrendered.append(
+                        SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
+                    )
+                    continue
+                yield msg
+
+
 async def send_batch(
     res: Resources,
     trigger: Trigger,
@@ -112,7 +171,8 @@ async def send_batch(
     flow_run_id: str | None,
     away_from_flow: bool = False,
 ) -> BatchReport:
-    """Claim the batch's planned rows, render, send, and record every answer.
+    """Claim the batch's planned rows (a few at a time, as requests can go), render,
+    send, and record every answer as it comes.
 
     Raises:
         TransientError: some messages were not accepted yet (429/5xx); they are back
@@ -124,65 +184,41 @@ async def send_batch(
         return BatchReport()
     # A configuration error stops here, before anything is claimed.
     mailer = res.mailer()
-    unsub = res.unsubscribe(trigger)
-    with res.engine.begin() as conn:
-        claimed = ledger.claim(conn, ledger_ids, flow_run_id=flow_run_id)
-    if not claimed:
-        return BatchReport()
-
-    unrendered: list[SendResult] = []
-    messages: list[OutboundMessage] = []
-    # Quiet hours (a ``send_window`` in the context): outside it a message is scheduled for
-    # the next opening with ``send_at``, or — beyond SendGrid's 72 h — handed back to
-    # ``planned`` for a later run. Never dropped.
-    now = utcnow()
-    deferred: list[int] = []
-    for c in claimed:
-        when = schedule(c.context.get("send_window"), now)
-        if when.later:
-            deferred.append(c.id)
-            continue
-        try:
-            messages.append(
-                build_message(
-                    c, trigger, res.renderer, unsubscribe=unsub, send_at=when.send_at_unix
-                )
-            )
-        except TemplateError as exc:
-            unrendered.append(
-                SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
-            )
-
+    feed = _Feed(
+        res, trigger, ledger_ids, flow_run_id=flow_run_id, unsubscribe=res.unsubscribe(trigger)
+    )
     settler = _Settler(res.engine, res.settings.settle_every)
     try:
         async with mailer:
-            sent = await mailer.send_many(messages, on_result=settler.add)
+            sent = await mailer.send_many(feed.messages(), on_result=settler.add)
     except FatalRunError as exc:
         _abort(flow_run_id)
         await settler.drain()
-        settled_ids = {r.ledger_id for r in [*unrendered, *exc.settled]}
+        done = {r.ledger_id for r in [*feed.unrendered, *exc.settled]}
         with res.engine.begin() as conn:
-            ledger.settle(conn, unrendered)
+            ledger.settle(conn, feed.unrendered)
             ledger.release(
                 conn,
-                [m.ledger_id for m in messages if m.ledger_id not in settled_ids] + deferred,
+                [i for i in feed.claimed if i not in done],
                 reason=f"{STOPPED_REASON} ({exc})",
             )
             ledger.mark_stopped(conn, flow_run_id, str(exc))
         raise FatalRunError(str(exc)) from None
 
     await settler.drain()
-    results = [*unrendered, *sent]
+    if not feed.claimed:
+        return BatchReport()
+    results = [*feed.unrendered, *sent]
     with res.engine.begin() as conn:
-        ledger.settle(conn, unrendered)
-        ledger.release(conn, deferred, reason=DEFERRED_REASON)
+        ledger.settle(conn, feed.unrendered)
+        ledger.release(conn, feed.deferred, reason=DEFERRED_REASON)
     outcomes = Counter(r.outcome.value for r in results)
-    if deferred:
-        outcomes["deferred"] = len(deferred)
+    if feed.deferred:
+        outcomes["deferred"] = len(feed.deferred)
     pending = [r for r in results if r.outcome is Outcome.RETRY]
     if pending:
         raise TransientError(
-            f"{len(pending)} of {len(claimed)} messages not accepted yet "
+            f"{len(pending)} of {len(feed.claimed)} messages not accepted yet "
             f"({pending[0].reason}); they are back to planned and will be retried"
         )
-    return BatchReport(claimed=len(claimed), outcomes=dict(outcomes))
+    return BatchReport(claimed=len(feed.claimed), outcomes=dict(outcomes))
