@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, func, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailflow.clock import utcnow
@@ -458,9 +458,9 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
     """Record the provider's answers on rows this run holds (``sending``).
 
     ``RETRY`` puts the row back to ``planned`` with the reason, so a task retry or
-    the next run sends it; everything else is final, except that an ``UNKNOWN`` whose
-    provider event has already arrived (events can beat a late answer) is confirmed at
-    once (:func:`confirm_by_events`).
+    the next run sends it; everything else is final. (An ``unknown`` whose provider
+    event has already arrived — events can beat a late answer — is confirmed by the
+    caller right after this commits: :func:`confirm_by_events`.)
     """
     results = list(results)
     now = utcnow()
@@ -488,9 +488,6 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
     ]
     for start in range(0, len(params), _CHUNK):
         conn.execute(stmt, params[start : start + _CHUNK])
-    unknown = [r.ledger_id for r in results if r.outcome is Outcome.UNKNOWN]
-    if unknown:
-        confirm_by_events(conn, ledger_ids=unknown)
 
 
 def release(conn: Connection, ids: Sequence[int], *, reason: str) -> None:
@@ -566,6 +563,38 @@ def tally(conn: Connection, trigger: str, flow_run_id: str | None) -> Tally:
         )
     ).scalar_one()
     return Tally(statuses=statuses, failed=dict(failed), deferred=int(deferred))
+
+
+@dataclass(frozen=True, slots=True)
+class RunErrors:
+    """A run's answered messages and, of those, permanent failures and bounces so far."""
+
+    answered: int
+    failed: int
+    bounced: int
+
+    @property
+    def bad(self) -> int:
+        return self.failed + self.bounced
+
+
+def run_errors(conn: Connection, trigger: str, flow_run_id: str) -> RunErrors:
+    """Count what the error budget judges: this run's rows answered (sent, failed,
+    unknown), refused for good, and sent but bounced or dropped (events so far)."""
+    cols, ev = send_ledger.c, events.c
+    run = (cols.trigger == trigger, cols.flow_run_id == flow_run_id)
+    answered, failed = conn.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((cols.status == Status.FAILED, 1), else_=0)), 0),
+        ).where(*run, cols.status.in_([Status.SENT, Status.FAILED, Status.UNKNOWN]))
+    ).one()
+    bounced = conn.execute(
+        select(func.count(func.distinct(ev.ledger_id)))
+        .select_from(events.join(send_ledger, cols.id == ev.ledger_id))
+        .where(*run, cols.status == Status.SENT, ev.event.in_(["bounce", "dropped"]))
+    ).scalar_one()
+    return RunErrors(int(answered), int(failed), int(bounced))
 
 
 # --- the stop mark: a run that hit a refused key ------------------------------------------

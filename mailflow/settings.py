@@ -131,6 +131,19 @@ class Settings(BaseSettings):
         description="Provider answers written to the ledger per group while a batch is "
         "sending, so a crash leaves only the requests in flight ambiguous.",
     )
+    run_max_failure_share: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Error budget of one run: once more than this share of its answered "
+        "messages were refused for good (4xx) or bounced, the run stops sending and the "
+        "rest stays planned.",
+    )
+    run_failure_min: int = Field(
+        default=50,
+        ge=1,
+        description="The fewest answered messages of a run the error budget judges.",
+    )
     # --- campaigns (mailflow/campaigns) and the frequency cap (mailflow/extract.py) ---
     frequency_cap: int = Field(
         default=3,

@@ -36,7 +36,10 @@ def wait_for_events(sink: SinkHandle, *, timeout: float = 20.0) -> dict[str, Any
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ev: dict[str, Any] = sink.stats().get("events", {})
-        if ev.get("generated", 0) and not ev.get("pending", 0):
+        # Done when every generated event was posted (the webhook answered: stored and
+        # committed) or given up; "pending" alone misses the batch being posted.
+        settled = ev.get("posted", 0) + ev.get("failed", 0) + ev.get("discarded", 0)
+        if ev.get("generated", 0) and settled >= ev["generated"]:
             return ev
         time.sleep(0.05)
     raise AssertionError(f"events still pending after {timeout:g} s: {sink.stats()}")

@@ -89,8 +89,15 @@ class _Settler:
         self._writes.append(asyncio.ensure_future(asyncio.to_thread(self._write, group)))
 
     def _write(self, group: list[SendResult]) -> None:
-        with self._lock, self._engine.begin() as conn:
-            ledger.settle(conn, group)
+        unknown = [r.ledger_id for r in group if r.outcome is Outcome.UNKNOWN]
+        with self._lock:
+            with self._engine.begin() as conn:
+                ledger.settle(conn, group)
+            if unknown:
+                # After the commit, in a transaction of its own: an event the webhook
+                # committed meanwhile is seen here, or the webhook sees ``unknown``.
+                with self._engine.begin() as conn:
+                    ledger.confirm_by_events(conn, ledger_ids=unknown)
 
     async def drain(self) -> None:
         """Write what is left and wait for every group (a failed write raises)."""
@@ -106,6 +113,34 @@ class BatchReport:
 
     claimed: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def _check_error_budget(res: Resources, trigger: Trigger, flow_run_id: str | None) -> None:
+    """Stop the run once too many of its answers were permanent failures or bounces
+    (``MAILFLOW_RUN_MAX_FAILURE_SHARE``), the way listmonk pauses a campaign past
+    ``MaxSendErrors``: the run's other batches see the stop mark, the rest stays planned.
+
+    Raises:
+        FatalRunError: the budget is spent; the message says how and what to do.
+    """
+    if flow_run_id is None:
+        return
+    s = res.settings
+    with res.engine.connect() as conn:
+        e = ledger.run_errors(conn, trigger.name, flow_run_id)
+    if e.answered < s.run_failure_min or e.bad <= s.run_max_failure_share * e.answered:
+        return
+    reason = (
+        f"error budget spent: {e.bad} of {e.answered} answered messages were refused for "
+        f"good ({e.failed}) or bounced ({e.bounced}), more than "
+        f"MAILFLOW_RUN_MAX_FAILURE_SHARE={s.run_max_failure_share:g}; the run stopped "
+        "sending and the rest stays planned. Check the reasons in mf_send_ledger (status "
+        "failed) and the bounce events, fix the data or the template, then run again"
+    )
+    _abort(flow_run_id)
+    with res.engine.begin() as conn:
+        ledger.mark_stopped(conn, flow_run_id, reason)
+    raise FatalRunError(reason)
 
 
 class _Feed:
@@ -212,6 +247,7 @@ async def send_batch(
     with res.engine.begin() as conn:
         ledger.settle(conn, feed.unrendered)
         ledger.release(conn, feed.deferred, reason=DEFERRED_REASON)
+    _check_error_budget(res, trigger, flow_run_id)
     outcomes = Counter(r.outcome.value for r in results)
     if feed.deferred:
         outcomes["deferred"] = len(feed.deferred)

@@ -27,7 +27,7 @@ from mailflow.unsubscribe import InvalidToken, read_token
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import send_ledger, suppressions
 from mailflow.webhook import signing
-from mailflow.webhook.ingest import IngestResult, store_events
+from mailflow.webhook.ingest import IngestResult, ingest
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ def create_app(
         log.warning(_VERIFY_OFF, signing.PUBLIC_KEY_SETTING)
 
     def store(events: list[dict[str, Any]]) -> IngestResult:
-        # engine.begin() commits on exit, before the handler can answer 200.
-        with engine.begin() as conn:
-            return store_events(conn, events)
+        # Committed when ingest returns, before the handler can answer 200.
+        return ingest(engine, events)
 
     async def receive_events(request: Request) -> Response:
         declared = request.headers.get("content-length")

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, update
+from sqlalchemy import Connection, Engine, and_, delete, update
 
 from mailflow import ledger
 from mailflow.clock import utcnow
@@ -59,6 +59,7 @@ class IngestResult:
     duplicates: int
     suppressed: int
     confirmed: int = 0  # ambiguous sends these events proved accepted (now ``sent``)
+    named: frozenset[int] = frozenset()  # ledger ids the new events name
 
 
 def _text(value: Any, limit: int) -> str | None:
@@ -142,7 +143,8 @@ def suppression_reason(row: Mapping[str, Any]) -> str | None:
 def store_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> IngestResult:
     """Store ``events`` once each and apply their suppression effects, in ``conn``'s transaction.
 
-    The caller owns the transaction: commit before acknowledging the webhook.
+    The caller owns the transaction: commit before acknowledging the webhook. Ambiguous
+    sends the events name are resolved by :func:`ingest`, after the commit.
     """
     if not events:
         return IngestResult(received=0, stored=0, duplicates=0, suppressed=0, confirmed=0)
@@ -163,16 +165,31 @@ def store_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> Inges
             seen.add(r["natural_key"])
             fresh.append(r)
     suppressed = _apply_suppressions(conn, fresh, now)
-    # An event names a message SendGrid accepted: an ambiguous send of it is resolved now.
-    named = {r["ledger_id"] for r in fresh if r["ledger_id"] is not None}
-    confirmed = ledger.confirm_by_events(conn, ledger_ids=named) if named else 0
     return IngestResult(
         received=len(rows),
         stored=len(stored_keys),
         duplicates=len(rows) - len(stored_keys),
         suppressed=suppressed,
-        confirmed=confirmed,
+        named=frozenset(r["ledger_id"] for r in fresh if r["ledger_id"] is not None),
     )
+
+
+def ingest(engine: Engine, events: Sequence[Mapping[str, Any]]) -> IngestResult:
+    """Store one webhook batch (committed when this returns), then resolve the ambiguous
+    sends its events name: each names a message SendGrid accepted.
+
+    The confirmation runs in a transaction of its own, after the events are committed, so
+    a send stage settling one of these rows as ``unknown`` at the same moment cannot miss
+    them: whichever commits second sees the other's write (and the send stage, too,
+    confirms after it has committed, :func:`mailflow.ledger.confirm_by_events`).
+    """
+    with engine.begin() as conn:
+        result = store_events(conn, events)
+    if not result.named:
+        return result
+    with engine.begin() as conn:
+        confirmed = ledger.confirm_by_events(conn, ledger_ids=result.named)
+    return replace(result, confirmed=confirmed)
 
 
 def _apply_suppressions(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> int:

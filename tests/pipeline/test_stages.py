@@ -172,3 +172,35 @@ def test_preflight_refuses_missing_keys_outside_demo_mode(env: Any) -> None:
         preflight.check_sending(production, CART)
     preflight.check_sending(res, CART)  # demo mode: the local API's demo key
     preflight.check_templates(res, CART)
+
+
+def test_the_error_budget_stops_a_run_whose_answers_are_mostly_refusals(
+    env: Any, sink: Any
+) -> None:
+    res = resources.current()
+    build_shop(
+        res.engine,
+        [Shopper(email=f"user{i}@example.com", first_name=f"U{i}") for i in range(8)],
+    )
+    budget = resources.from_settings(
+        get_settings().model_copy(update={"run_failure_min": 2, "run_max_failure_share": 0.5})
+    )
+    batches = planned(budget, batch_size=2)
+    with res.engine.connect() as conn:
+        email = dict(conn.execute(select(send_ledger.c.id, send_ledger.c.email)).all())
+    # SendGrid refuses three addresses for good (400): one in the first batch (1 of 2 is
+    # within a budget of half), both in the second (3 of 4 is not).
+    refused = [batches[0][0], batches[1][0], batches[1][1]]
+    sink.set_faults(fail_recipients={email[i]: 400 for i in refused})
+    run_id = f"budget-{uuid.uuid4()}"
+    first = asyncio.run(send_batch(budget, CART, batches[0], flow_run_id=run_id))
+    assert first.outcomes == {"sent": 1, "failed": 1}  # 1 of 2: not more than half
+    with pytest.raises(FatalRunError, match="error budget spent: 3 of 4 .*MAILFLOW_RUN_MAX"):
+        asyncio.run(send_batch(budget, CART, batches[1], flow_run_id=run_id))
+    # The run's other batches send nothing; their rows stay planned for the next run.
+    for batch in batches[2:]:
+        assert asyncio.run(send_batch(budget, CART, batch, flow_run_id=run_id)).claimed == 0
+    forget_abort(run_id)  # as a batch in another process: only the stop mark tells it
+    assert is_aborted(res, run_id, away_from_flow=True)
+    assert statuses(res) == {"sent": 1, "failed": 3, "planned": 4}
+    assert len(sink.messages()) == 1
