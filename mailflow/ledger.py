@@ -578,6 +578,13 @@ class RunErrors:
         return self.failed + self.bounced
 
 
+def bounced_since(conn: Connection, since: datetime) -> bool:
+    """Whether any bounce or drop event was received at or after ``since``."""
+    ev = events.c
+    stmt = select(exists().where(ev.received_at >= since, ev.event.in_(["bounce", "dropped"])))
+    return bool(conn.execute(stmt).scalar())
+
+
 def run_errors(conn: Connection, trigger: str, flow_run_id: str) -> RunErrors:
     """Count what the error budget judges: this run's rows answered (sent, failed,
     unknown), refused for good, and sent but bounced or dropped (events so far)."""

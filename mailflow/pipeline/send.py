@@ -15,6 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -30,6 +31,8 @@ from mailflow.triggers.base import Trigger
 
 STOPPED_REASON = ledger.STOPPED_REASON
 DEFERRED_REASON = ledger.DEFERRED_REASON
+#: Bounce events received this recently make a batch check the run's error budget.
+_BOUNCE_LOOKBACK = timedelta(minutes=1)
 
 # Flow runs that hit a fatal error: their remaining batches must not start. Batches
 # running in this process (the thread runner) learn it here at no cost; batches in
@@ -115,7 +118,9 @@ class BatchReport:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
-def _check_error_budget(res: Resources, trigger: Trigger, flow_run_id: str | None) -> None:
+def _check_error_budget(
+    res: Resources, trigger: Trigger, flow_run_id: str | None, *, failed_here: bool
+) -> None:
     """Stop the run once too many of its answers were permanent failures or bounces
     (``MAILFLOW_RUN_MAX_FAILURE_SHARE``), the way listmonk pauses a campaign past
     ``MaxSendErrors``: the run's other batches see the stop mark, the rest stays planned.
@@ -127,6 +132,10 @@ def _check_error_budget(res: Resources, trigger: Trigger, flow_run_id: str | Non
         return
     s = res.settings
     with res.engine.connect() as conn:
+        # The run-wide count is only worth it after a refusal here or recent bounces
+        # (cheap, indexed checks), not after every clean batch of a long run.
+        if not failed_here and not ledger.bounced_since(conn, utcnow() - _BOUNCE_LOOKBACK):
+            return
         e = ledger.run_errors(conn, trigger.name, flow_run_id)
     if e.answered < s.run_failure_min or e.bad <= s.run_max_failure_share * e.answered:
         return
@@ -247,7 +256,9 @@ async def send_batch(
     with res.engine.begin() as conn:
         ledger.settle(conn, feed.unrendered)
         ledger.release(conn, feed.deferred, reason=DEFERRED_REASON)
-    _check_error_budget(res, trigger, flow_run_id)
+    _check_error_budget(
+        res, trigger, flow_run_id, failed_here=any(r.outcome is Outcome.FAILED for r in results)
+    )
     outcomes = Counter(r.outcome.value for r in results)
     if feed.deferred:
         outcomes["deferred"] = len(feed.deferred)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from mailflow import ledger
 from mailflow.clock import utcnow
@@ -24,7 +24,7 @@ from mailflow.pipeline.plan import plan
 from mailflow.pipeline.send import forget_abort, is_aborted, send_batch
 from mailflow.settings import get_settings
 from mailflow.triggers import get_trigger
-from mailflow.warehouse.schema import quarantine, run_log, send_ledger
+from mailflow.warehouse.schema import events, quarantine, run_log, send_ledger
 from tests.ledger import sent_per_ledger_id
 from tests.shop import Shopper, build_shop
 
@@ -204,3 +204,40 @@ def test_the_error_budget_stops_a_run_whose_answers_are_mostly_refusals(
     assert is_aborted(res, run_id, away_from_flow=True)
     assert statuses(res) == {"sent": 1, "failed": 3, "planned": 4}
     assert len(sink.messages()) == 1
+
+
+def test_bounces_reported_during_the_run_count_against_its_budget(env: Any, sink: Any) -> None:
+    res = resources.current()
+    build_shop(res.engine, [Shopper(email=f"user{i}@example.com") for i in range(6)])
+    budget = resources.from_settings(
+        get_settings().model_copy(update={"run_failure_min": 2, "run_max_failure_share": 0.4})
+    )
+    batches = planned(budget, batch_size=2)
+    run_id = f"bounces-{uuid.uuid4()}"
+    assert asyncio.run(send_batch(budget, CART, batches[0], flow_run_id=run_id)).outcomes == {
+        "sent": 2
+    }
+    # SendGrid reports both first messages bounced (as the webhook stores such events).
+    now = utcnow()
+    with res.engine.begin() as conn:
+        conn.execute(
+            insert(events),
+            [
+                {
+                    "natural_key": f"bounce-{i}",
+                    "event": "bounce",
+                    "email": "x@example.com",
+                    "occurred_at": now,
+                    "ledger_id": i,
+                    "raw": {},
+                    "received_at": now,
+                }
+                for i in batches[0]
+            ],
+        )
+    # The next batch is sent, then the run stops: 2 of 4 bounced is more than 40 %.
+    with pytest.raises(FatalRunError, match=r"2 of 4 .*refused for good \(0\) or bounced \(2\)"):
+        asyncio.run(send_batch(budget, CART, batches[1], flow_run_id=run_id))
+    assert asyncio.run(send_batch(budget, CART, batches[2], flow_run_id=run_id)).claimed == 0
+    forget_abort(run_id)
+    assert statuses(res) == {"sent": 4, "planned": 2}
