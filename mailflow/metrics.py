@@ -36,13 +36,21 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    insert,
     literal,
     or_,
     select,
 )
 
 from mailflow.clock import utcnow
-from mailflow.warehouse.schema import events, message_facts, metrics_daily, orders, rollup_state
+from mailflow.warehouse.schema import (
+    events,
+    message_facts,
+    metrics_daily,
+    order_attribution,
+    orders,
+    rollup_state,
+)
 from mailflow.warehouse.schema import send_ledger as ledger
 
 ROLLUP_NAME = "engagement"
@@ -112,14 +120,15 @@ def _changes(
     by_send = conn.execute(
         select(ledger.c.customer_id, ledger.c.id).where(sent, ledger.c.updated_at >= since)
     ).all()
-    o = orders.c
-    by_order = conn.execute(
-        select(o.customer_id)
-        .distinct()
-        .where(or_(o.updated_at >= since, o.created_at >= since - late_orders))
+    o, a = orders.c, order_attribution.c
+    changed = or_(o.updated_at >= since, o.created_at >= since - late_orders)
+    by_order = conn.execute(select(o.customer_id).distinct().where(changed)).scalars()
+    # The customer a changed order was credited to before: it may have moved to another.
+    credited_before = conn.execute(
+        select(a.customer_id).distinct().where(a.order_id.in_(select(o.id).where(changed)))
     ).scalars()
     customers = {int(c) for c, _ in by_send if c is not None}
-    customers.update(int(c) for c in by_order if c is not None)
+    customers.update(int(c) for c in (*by_order, *credited_before) if c is not None)
     messages = {int(i) for c, i in (*by_event, *by_send) if c is None or c not in customers}
     return customers, messages
 
@@ -177,7 +186,7 @@ def _frame(rows: Sequence[Any], columns: Sequence[str]) -> pd.DataFrame:
 
 
 def _attribute(messages: pd.DataFrame, order_rows: pd.DataFrame, window: timedelta) -> pd.DataFrame:
-    """Per message: orders attributed to it (last touch within ``window``), revenue, first order."""
+    """Per order: the message it is attributed to (last touch within ``window``), if any."""
     sends = messages.sort_values("sent_at", kind="stable")
     placed = order_rows.sort_values("created_at", kind="stable")
     matched = pd.merge_asof(
@@ -191,6 +200,11 @@ def _attribute(messages: pd.DataFrame, order_rows: pd.DataFrame, window: timedel
         allow_exact_matches=False,
     ).dropna(subset=["ledger_id"])
     matched["ledger_id"] = matched["ledger_id"].astype("int64")
+    return matched
+
+
+def _per_message(matched: pd.DataFrame) -> pd.DataFrame:
+    """Orders, revenue and first order per message, from :func:`_attribute`'s matches."""
     per = matched.groupby("ledger_id", sort=False).agg(
         orders=("order_id", "size"), revenue=("total", "sum"), first_order_id=("order_id", "first")
     )
@@ -202,6 +216,7 @@ def _attribution(
 ) -> list[dict[str, Any]]:
     """Orders, revenue and first order per fact of ``customers`` (update parameters)."""
     o, f = orders.c, message_facts.c
+    conn.execute(delete(order_attribution).where(order_attribution.c.customer_id.in_(customers)))
     first_send = conn.execute(
         select(func.min(f.sent_at)).where(f.customer_id.in_(customers))
     ).scalar_one()
@@ -230,7 +245,25 @@ def _attribution(
         frame[column] = pd.to_datetime(frame[column])
         frame["customer_id"] = frame["customer_id"].astype("int64")
     order_rows["total"] = order_rows["total"].astype(float)
-    conv = _attribute(sends, order_rows, window)
+    matched = _attribute(sends, order_rows, window)
+    credited = [
+        {
+            "order_id": int(r.order_id),
+            "ledger_id": int(r.ledger_id),
+            "customer_id": int(r.customer_id),
+        }
+        for r in matched.itertuples(index=False)
+    ]
+    for part in _chunks(credited, 5_000):
+        # An order credited to its previous owner's message (not recomputed in this
+        # chunk) gives that row up: an order belongs to one message only.
+        conn.execute(
+            delete(order_attribution).where(
+                order_attribution.c.order_id.in_([r["order_id"] for r in part])
+            )
+        )
+        conn.execute(insert(order_attribution), list(part))
+    conv = _per_message(matched)
     return [
         {
             "b_id": int(r.ledger_id),
@@ -424,6 +457,7 @@ def _rollup(
         if full:
             days.update(conn.execute(select(message_facts.c.send_day).distinct()).scalars())
             conn.execute(delete(message_facts))
+            conn.execute(delete(order_attribution))
     # Whole customers (attribution anew), then single messages (conversions kept).
     work = (
         (sorted(customers), ledger.c.customer_id, message_facts.c.customer_id, True),

@@ -230,6 +230,16 @@ run_log = Table(
 
 # --- engagement metrics (built by flows/engagement_rollup.py; see the README's data dictionary)
 
+#: Which message each converting order is credited to (last touch), so an incremental
+#: rollup also recomputes the customer an order was credited to before it moved.
+order_attribution = Table(
+    "mf_order_attribution",
+    metadata,
+    Column("order_id", Id, primary_key=True, autoincrement=False),
+    Column("ledger_id", Id, nullable=False, index=True),
+    Column("customer_id", Id, nullable=False, index=True),
+)
+
 #: One row per sent message (ledger row in ``sent``): what happened to it afterwards.
 message_facts = Table(
     "mf_message_facts",

@@ -410,3 +410,43 @@ def test_two_rollups_at_once_both_finish_with_the_right_numbers(engine: Engine) 
         results = list(pool.map(lambda full: rollup(engine, full=full, chunk=20), (True, False)))
     assert {r.full for r in results} == {True, False}
     assert stored_daily(engine) == w.expected_daily()
+
+
+def test_an_order_that_moves_to_another_customer_is_credited_once(engine: Engine) -> None:
+    w = World(engine, seed=3)
+    guest, account = w.customers(2)
+    start = utcnow() - timedelta(hours=30)
+    (to_guest,) = w.send([guest], "abandoned_cart", start=start)
+    (to_account,) = w.send([account], "welcome", start=start)
+    placed = max(m["sent_at"] for m in w.messages.values()) + timedelta(hours=1)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(orders).values(
+                id=1,
+                customer_id=guest,
+                status="placed",
+                total=Decimal("30.00"),
+                created_at=placed,
+                updated_at=placed,
+            )
+        )
+    rollup(engine)
+
+    def credited() -> dict[int, int]:
+        with engine.connect() as conn:
+            rows = conn.execute(select(message_facts.c.ledger_id, message_facts.c.orders))
+            return {lid: n for lid, n in rows if lid in (to_guest, to_account)}
+
+    assert credited() == {to_guest: 1, to_account: 0}
+    # The guest order is linked to the customer's account: it now belongs to them.
+    with engine.begin() as conn:
+        conn.execute(
+            orders.update().where(orders.c.id == 1).values(customer_id=account, updated_at=utcnow())
+        )
+    rollup(engine, overlap=timedelta(0))
+    assert credited() == {to_guest: 0, to_account: 1}
+    with engine.connect() as conn:
+        total = conn.execute(text("select sum(conversions) from mf_metrics_daily")).scalar_one()
+    assert total == 1
+    rollup(engine, full=True)
+    assert credited() == {to_guest: 0, to_account: 1}
