@@ -1,4 +1,4 @@
-"""Pre-flight checks, before anything is planned: keys, templates, deliverability."""
+"""Pre-flight checks, before anything is planned: warehouse, keys, templates, deliverability."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from mailflow.pipeline import preflight, resources
 def check_before_sending(
     trigger_name: str, now: datetime, override_guardrail: bool, campaign: Campaign | None = None
 ) -> None:
-    """Keys present, templates compile, bounce and complaint rates below their limits.
+    """Warehouse reachable and migrated, keys present, templates compile, bounce and
+    complaint rates below their limits.
 
     ``campaign``: the campaign being sent (it may not be stored yet).
     Raises ``ConfigError``, ``TemplateError`` or ``GuardrailTripped`` (nothing planned).
@@ -24,6 +25,7 @@ def check_before_sending(
     res = resources.current()
     trigger = campaign_trigger(campaign) if campaign else resolve_trigger(trigger_name)
     logger = get_run_logger()
+    preflight.check_warehouse(res)
     preflight.check_sending(res, trigger)
     if override_guardrail:
         logger.warning("deliverability guardrail overridden for this run")

@@ -8,9 +8,39 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailflow.errors import ConfigError
 from mailflow.guardrail import Deliverability, check, measure
 from mailflow.pipeline.resources import Resources
 from mailflow.triggers.base import Trigger
+from mailflow.warehouse.engine import SETTING, safe_url
+from mailflow.warehouse.schema import send_ledger
+
+
+def check_warehouse(res: Resources) -> None:
+    """The warehouse answers and has mailflow's tables.
+
+    Raises:
+        ConfigError: it cannot be reached, or it was never migrated; the message names
+            the setting and the URL (password hidden).
+    """
+    url = res.settings.warehouse_url
+    try:
+        with res.engine.connect() as conn:
+            migrated = inspect(conn).has_table(send_ledger.name)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"the warehouse at {safe_url(url)} ({SETTING}) cannot be reached: {reason}. "
+            "Check that the server runs and the URL, user and password are right."
+        ) from None
+    if not migrated:
+        raise ConfigError(
+            f"the warehouse at {safe_url(url)} ({SETTING}) has no mailflow tables: run "
+            "`mailflow db upgrade` against it first (or fix the URL if this is the wrong one)."
+        )
 
 
 def check_sending(res: Resources, trigger: Trigger) -> None:

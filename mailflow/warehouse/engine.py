@@ -7,6 +7,9 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mailflow.errors import ConfigError
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -22,13 +25,42 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: Named in every warehouse error, so the operator knows what to fix.
+SETTING = "MAILFLOW_WAREHOUSE_URL"
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
 def make_engine(url: str) -> Engine:
-    """A new engine for ``url``; SQLite files get WAL mode and their folder is created."""
-    parsed = make_url(url)
+    """A new engine for ``url``; SQLite files get WAL mode.
+
+    Raises:
+        ConfigError: the URL cannot be parsed, or names a SQLite file in a folder that
+            does not exist (a typo would otherwise create a new, empty warehouse).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(
+            f"{SETTING} is not a database URL ({exc}). Use a SQLAlchemy URL such as "
+            "sqlite:///data/warehouse.db or postgresql+psycopg://user:password@host/dbname."
+        ) from None
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"{SETTING} names a SQLite file in a folder that does not exist "
+                    f"({folder}/). Fix the path, or create the folder if a new warehouse "
+                    "there is what you want."
+                )
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True
