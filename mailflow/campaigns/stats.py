@@ -7,7 +7,8 @@ Grain of :func:`experiment_table` (and of ``mf_campaign_results``): one row per
 - metrics: ``sent`` (sent / recipients), ``open`` and ``click`` (unique openers or
   clickers / sent), ``conversion`` (recipients with an order within 72 h / recipients).
   The holdout has ``conversion`` only: it was never sent anything;
-- conversion counts an order (not cancelled) placed in ``[start, start + 72 h)``, where
+- conversion counts an order (not cancelled or refunded: ``mailflow.metrics.NOT_CONVERTING``)
+  placed in ``(start, start + 72 h]`` — after the send, at most 72 h later, as the rollup — where
   ``start`` is the message's ``sent_at`` or, for the holdout and anyone not sent, the
   assignment time (when the campaign was approved and planned). Recipients are
   intention-to-treat: everyone assigned to the arm;
@@ -36,6 +37,7 @@ from sqlalchemy import Connection, Engine, delete, insert, select
 
 from mailflow.campaigns.assign import HOLDOUT
 from mailflow.clock import utcnow
+from mailflow.metrics import NOT_CONVERTING
 from mailflow.warehouse.schema import (
     campaign_assignments,
     campaign_results,
@@ -154,7 +156,7 @@ def _per_recipient(conn: Connection, campaign: str) -> pd.DataFrame:
             select(orders.c.customer_id, orders.c.created_at).where(
                 orders.c.customer_id.in_(ids[i : i + _CHUNK]),
                 orders.c.created_at >= earliest,
-                orders.c.status != "cancelled",
+                orders.c.status.not_in(NOT_CONVERTING),
             )
         ).all()
     placed = pd.DataFrame(found, columns=["customer_id", "ordered_at"])
@@ -164,8 +166,8 @@ def _per_recipient(conn: Connection, campaign: str) -> pd.DataFrame:
     placed["ordered_at"] = pd.to_datetime(placed["ordered_at"])
     joined = frame[["customer_id", "start"]].merge(placed, on="customer_id")
     hit = joined[
-        (joined["ordered_at"] >= joined["start"])
-        & (joined["ordered_at"] < joined["start"] + CONVERSION_WINDOW)
+        (joined["ordered_at"] > joined["start"])
+        & (joined["ordered_at"] <= joined["start"] + CONVERSION_WINDOW)
     ]
     frame["converted"] = frame["customer_id"].isin(set(hit["customer_id"]))
     return frame

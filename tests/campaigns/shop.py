@@ -53,11 +53,13 @@ def add_people(engine: Engine, people: list[Person], *, first_id: int = 1) -> li
 _order_ids = iter(range(1_000_000, 2_000_000))
 
 
-def add_order(engine: Engine, customer_id: int, at: datetime, *, conn=None) -> None:  # type: ignore[no-untyped-def]
+def add_order(
+    engine: Engine, customer_id: int, at: datetime, *, conn=None, status: str = "placed"
+) -> None:  # type: ignore[no-untyped-def]
     values = {
         "id": next(_order_ids),
         "customer_id": customer_id,
-        "status": "placed",
+        "status": status,
         "total": Decimal("25.00"),
         "created_at": at,
         "updated_at": at,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import Engine, insert, select
 
 from mailflow.campaigns.stats import (
+    CONVERSION_WINDOW,
     compare,
     compute_results,
     experiment_table,
@@ -93,8 +94,8 @@ def test_results_per_arm_from_recipient_rows() -> None:
     assert ("holdout", "open") not in out and out[("holdout", "conversion")]["rate"] == 0.04
 
 
-def test_experiment_table_reads_ledger_events_and_orders(env) -> None:  # type: ignore[no-untyped-def]
-    engine = get_engine()
+def experiment(engine: Engine) -> tuple[list[int], datetime]:
+    """Campaign ``exp``: two control, two ``b``, two holdout; sends an hour after t0."""
     ids = add_people(engine, [Person(f"c{i}@example.com") for i in range(6)])
     t0 = utcnow() - timedelta(days=5)
     arms = {ids[0]: "control", ids[1]: "control", ids[2]: "b", ids[3]: "b",
@@ -123,6 +124,12 @@ def test_experiment_table_reads_ledger_events_and_orders(env) -> None:  # type: 
                 insert(events).values(natural_key=f"n{n}", event=event, occurred_at=t0,
                                       ledger_id=ledger_ids[cid], raw={}, received_at=t0)
             )  # fmt: skip
+    return ids, t0
+
+
+def test_experiment_table_reads_ledger_events_and_orders(env) -> None:  # type: ignore[no-untyped-def]
+    engine = get_engine()
+    ids, t0 = experiment(engine)
     add_order(engine, ids[0], t0 + timedelta(hours=10))  # control: converts
     add_order(engine, ids[1], t0 - timedelta(hours=1))  # before the send: does not count
     add_order(engine, ids[2], t0 + timedelta(hours=80))  # after 72 h: does not count
@@ -140,3 +147,23 @@ def test_experiment_table_reads_ledger_events_and_orders(env) -> None:  # type: 
     with engine.connect() as conn:
         assert len(conn.execute(select(campaign_results)).all()) == len(rows)
     assert render_table(rows).row_count == len(rows)
+
+
+def test_conversions_use_the_rollups_definition(env) -> None:  # type: ignore[no-untyped-def]
+    engine = get_engine()
+    ids, t0 = experiment(engine)
+    # Refunded (or cancelled) orders never convert, as in the rollup.
+    add_order(engine, ids[1], t0 + timedelta(hours=5), status="refunded")
+    add_order(engine, ids[0], t0 + timedelta(hours=5), status="cancelled")
+    # The window's last instant counts: "at most 72 hours" after the send.
+    add_order(engine, ids[3], t0 + timedelta(hours=1) + CONVERSION_WINDOW)
+    # The holdout's window starts at its assignment; one instant later is inside it.
+    add_order(engine, ids[5], t0 + CONVERSION_WINDOW + timedelta(microseconds=1))
+
+    got = {
+        (r["arm"], r["metric"]): (r["numerator"], r["denominator"])
+        for r in experiment_table(engine, "exp", variants=["control", "b"])
+    }
+    assert got[("control", "conversion")] == (0, 2)
+    assert got[("b", "conversion")] == (1, 2)
+    assert got[("holdout", "conversion")] == (0, 2)
