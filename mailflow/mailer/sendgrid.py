@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -47,16 +48,40 @@ class FatalSendError(FatalRunError):
     """
 
 
+#: Display names are cut to this many characters (SendGrid documents no limit; a name
+#: this long is a data error, and header lines should stay short).
+MAX_NAME_CHARS = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def display_name(value: str | None) -> str | None:
+    """A recipient or sender name as SendGrid accepts it, or None when nothing is left.
+
+    Control characters (CR/LF would break the header) become spaces, runs of spaces
+    collapse, the result is cut to :data:`MAX_NAME_CHARS`; a name with ``,`` or ``;``
+    is quoted (SendGrid splits an unquoted one into several addresses and refuses it —
+    the workaround sendgrid-python applies too), with inner ``"`` made ``'``.
+    """
+    if value is None:
+        return None
+    name = " ".join(_CONTROL.sub(" ", value).split())[:MAX_NAME_CHARS].strip()
+    if not name:
+        return None
+    if "," in name or ";" in name:
+        name = '"' + name.replace('"', "'") + '"'
+    return name
+
+
 def build_payload(
     msg: OutboundMessage, *, from_email: str, from_name: str | None
 ) -> dict[str, Any]:
     """The ``/v3/mail/send`` body for one message (one personalization, one recipient)."""
     to: dict[str, str] = {"email": msg.to_email}
-    if msg.to_name:
-        to["name"] = msg.to_name
+    if name := display_name(msg.to_name):
+        to["name"] = name
     sender: dict[str, str] = {"email": from_email}
-    if from_name:
-        sender["name"] = from_name
+    if name := display_name(from_name):
+        sender["name"] = name
     personalization: dict[str, Any] = {"to": [to]}
     if msg.custom_args:
         personalization["custom_args"] = msg.custom_args

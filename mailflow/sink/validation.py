@@ -295,6 +295,25 @@ def _dicts(value: object) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
+def _check_name(name: object, field: str) -> list[dict[str, Any]]:
+    """SendGrid refuses a display name with an unquoted ``,`` or ``;`` (it reads the
+    value as a list of addresses) and one with a line break."""
+    if not isinstance(name, str):
+        return []
+    if "\r" in name or "\n" in name:
+        return [_error("The name may not contain line breaks (CR or LF).", field)]
+    quoted = len(name) >= 2 and name.startswith('"') and name.endswith('"')
+    if ("," in name or ";" in name) and not quoted:
+        return [
+            _error(
+                "Invalid name: a name containing ',' or ';' must be enclosed in double "
+                'quotes, e.g. ""Doe, Jane"".',
+                field,
+            )
+        ]
+    return []
+
+
 def _check_recipients(personalizations: list[Any]) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -307,8 +326,9 @@ def _check_recipients(personalizations: list[Any]) -> list[dict[str, Any]]:
         if isinstance(to, list) and not to:
             errors.append(_error(_MSG_TO, f"personalizations.{i}.to"))
         for kind in _RECIPIENT_KINDS:
-            for entry in _dicts(person.get(kind)):
+            for j, entry in enumerate(_dicts(person.get(kind))):
                 total += 1
+                errors += _check_name(entry.get("name"), f"personalizations.{i}.{kind}.{j}.name")
                 email = entry.get("email")
                 if not isinstance(email, str):
                     continue
@@ -401,6 +421,9 @@ def _limit_errors(payload: dict[str, Any], now: float) -> list[dict[str, Any]]:
     if isinstance(raw, list) and not raw:
         errors.append(_error(_MSG_PERSONALIZATIONS, "personalizations"))
     errors += _check_recipients(personalizations)
+    sender = payload.get("from")
+    if isinstance(sender, dict):
+        errors += _check_name(sender.get("name"), "from.name")
     errors += _check_custom_args(payload, personalizations)
     errors += _check_headers(payload.get("headers"), "")
     errors += _check_send_at(payload.get("send_at"), "send_at", now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -135,3 +136,33 @@ def test_connection_refused_is_retried_then_left_for_later() -> None:
 def test_the_key_never_shows_in_repr() -> None:
     mailer = SendGridMailer("http://x", SecretStr("SG.secret"), from_email="a@example.com")
     assert "SG.secret" not in repr(mailer)
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("Doe, Jane", '"Doe, Jane"'),
+        ("Ann; Bob", '"Ann; Bob"'),
+        ('Say "hi", Ann', "\"Say 'hi', Ann\""),
+        ("Ann\r\nBcc: evil@example.com", "Ann Bcc: evil@example.com"),
+        ("  \t ", None),
+        ("x" * 500, "x" * 128),
+    ],
+)
+def test_names_go_out_the_way_sendgrid_accepts_them(
+    sink: Any, given: str, sent: str | None
+) -> None:
+    (result,) = send(sink, [dataclasses.replace(message(1), to_name=given)])
+    assert result.outcome is Outcome.SENT, result.reason
+    (received,) = sink.messages()
+    assert received["payload"]["personalizations"][0]["to"][0].get("name") == sent
+
+
+def test_the_local_api_refuses_names_sendgrid_refuses() -> None:
+    payload = build_payload(message(1), from_email="shop@example.com", from_name="Shop")
+    for bad in ("Doe, Jane", "Ann; Bob", "Ann\nBcc: x@example.com"):
+        payload["personalizations"][0]["to"][0]["name"] = bad
+        (error,) = validate_mail_send(payload)
+        assert error["field"] == "personalizations.0.to.0.name"
+    payload["personalizations"][0]["to"][0]["name"] = '"Doe, Jane"'
+    assert validate_mail_send(payload) == []
