@@ -334,7 +334,7 @@ def webhook(
 def run(
     trigger: Annotated[
         str,
-        typer.Argument(help=f"{', '.join(registry())} or rollup."),
+        typer.Argument(help=f"{', '.join(registry())}, rollup or suppressions."),
     ],
     batch_size: Annotated[int, typer.Option(min=1, max=1000)] = BATCH_SIZE,
 ) -> None:
@@ -346,9 +346,17 @@ def run(
             f"messages over {len(result['days'])} send days; see mailflow report"
         )
         return
+    if trigger == "suppressions":
+        counts = entrypoints.load(entrypoints.SUPPRESSION_SYNC)()
+        pulled = ", ".join(f"{name} {c['added']:,}" for name, c in counts["pulled"].items())
+        console.print(
+            f"suppressions from SendGrid added: {pulled}; "
+            f"{counts['pushed']:,} local unsubscribes pushed"
+        )
+        return
     if trigger not in registry():
         raise typer.BadParameter(
-            f"unknown trigger {trigger!r}; known: {', '.join(registry())}, rollup",
+            f"unknown trigger {trigger!r}; known: {', '.join(registry())}, rollup, suppressions",
             param_hint="TRIGGER",
         )
     summary = entrypoints.load(trigger)(batch_size=batch_size)

@@ -12,8 +12,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-#: The one job that is not a trigger: the engagement rollup.
+#: The jobs that are not triggers: the engagement rollup and the suppression sync.
 ROLLUP = "engagement_rollup"
+SUPPRESSION_SYNC = "suppression_sync"
 
 
 def entrypoint(name: str) -> str:

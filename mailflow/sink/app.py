@@ -32,9 +32,10 @@ from starlette.routing import Route
 
 from mailflow.errors import ConfigError
 from mailflow.sink.config import SinkConfig
-from mailflow.sink.events import EventEmitter
+from mailflow.sink.events import EventEmitter, fixed_outcome
 from mailflow.sink.faults import FaultState, Verdict
-from mailflow.sink.store import AcceptHook, MessageStore, record_from_payload
+from mailflow.sink.store import AcceptHook, MessageRecord, MessageStore, record_from_payload
+from mailflow.sink.suppressions import MAX_LIMIT, PAGED_LISTS, SuppressionStore
 from mailflow.sink.validation import validate_mail_send
 
 __all__ = ["SinkState", "create_app", "sink_state"]
@@ -87,11 +88,22 @@ class SinkState:
         self._forbidden = {key.encode() for key in config.forbidden_keys}
         self._pauses: set[asyncio.Future[None]] = set()
         self._stopping = False
+        #: Bounces, blocks, invalid addresses, spam reports, unsubscribes (``/v3/suppression``).
+        self.suppressions = SuppressionStore()
         #: Posts engagement events to ``config.webhook_url`` (None when it is not set).
         self.events: EventEmitter | None = None
         if config.webhook_url:
-            self.events = EventEmitter(config)
+            self.events = EventEmitter(config, on_outcome=self.suppressions.record_outcome)
             self.add_accept_hook(self.events.on_accept)
+        else:
+            # No events are drawn without a webhook; the fixed outcomes still happen.
+            self.add_accept_hook(self._fixed_outcomes)
+
+    def _fixed_outcomes(self, record: MessageRecord) -> None:
+        created = int(record.received_ts)
+        for email in record.recipients:
+            for name in fixed_outcome(email.partition("@")[0].lower()) or ():
+                self.suppressions.record_outcome(email, name, created)
 
     def add_accept_hook(self, hook: AcceptHook) -> None:
         """Run ``hook(record)`` after each accepted message (the future event webhook)."""
@@ -424,6 +436,106 @@ async def _webhook_key(request: Request) -> Response:
     return _json({"public_key": events.public_key_b64, "webhook_url": events.url})
 
 
+# ---------------------------------------------------------------- suppressions (/v3)
+
+
+def _refusal(request: Request) -> Response | None:
+    """SendGrid's 401/403 for a missing, unknown or forbidden key; None when it is usable."""
+    header = request.headers.get("authorization")
+    status = sink_state(request.app).auth_status(None if header is None else header.encode())
+    if status == 202:
+        return None
+    return Response(_BODIES[status], status_code=status, media_type="application/json")
+
+
+def _field_error(field: str, message: str) -> Response:
+    body = orjson.dumps({"errors": [{"field": field, "message": message}]})
+    return Response(body, status_code=400, media_type="application/json")
+
+
+def _query_int(request: Request, name: str, low: int, high: int | None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise _FieldError(name, f"{name} must be an integer {bound}")
+    return int(raw)
+
+
+class _FieldError(Exception):
+    """A bad query parameter of a ``/v3`` endpoint; answered 400 naming the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _suppression_list(name: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        refused = _refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            limit = _query_int(request, "limit", 1, MAX_LIMIT)
+            offset = _query_int(request, "offset", 0, None)
+            start_time = _query_int(request, "start_time", 0, None)
+            end_time = _query_int(request, "end_time", 0, None)
+        except _FieldError as exc:
+            return _field_error(exc.field, str(exc))
+        entries = sink_state(request.app).suppressions.page(
+            name,
+            limit=MAX_LIMIT if limit is None else limit,
+            offset=offset or 0,
+            start_time=start_time,
+            end_time=end_time,
+            email=request.query_params.get("email") or None,
+        )
+        return _json(entries)
+
+    return endpoint
+
+
+async def _group_suppressions(request: Request) -> Response:
+    refused = _refusal(request)
+    if refused is not None:
+        return refused
+    return _json(sink_state(request.app).suppressions.groups())
+
+
+async def _add_global(request: Request) -> Response:
+    refused = _refusal(request)
+    if refused is not None:
+        return refused
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        body = None
+    emails = body.get("recipient_emails") if isinstance(body, dict) else None
+    if not isinstance(emails, list) or not all(isinstance(e, str) and "@" in e for e in emails):
+        return _field_error("recipient_emails", "recipient_emails must be a list of addresses")
+    sink_state(request.app).suppressions.add_global(emails, int(time.time()))
+    return _json({"recipient_emails": emails}, 201)
+
+
+async def _sink_suppressions(request: Request) -> Response:
+    store = sink_state(request.app).suppressions
+    if request.method == "DELETE":
+        return _json({"cleared": store.clear()})
+    if request.method == "POST":
+        try:
+            lists = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            lists = None
+        if not isinstance(lists, dict):
+            raise _BadRequest("The body must map list names to addresses, e.g. {'bounces': [...]}.")
+        try:
+            return _json({"added": store.seed(lists, int(time.time()))})
+        except ConfigError as exc:
+            raise _BadRequest(str(exc)) from None
+    return _json(store.counts())
+
+
 async def _healthz(request: Request) -> Response:
     return _json({"status": "ok"})
 
@@ -477,6 +589,13 @@ def create_app(config: SinkConfig | None = None) -> Starlette:
         Route("/_sink/stats", _stats, methods=["GET"]),
         Route("/_sink/faults", _faults, methods=["GET", "POST", "DELETE"]),
         Route("/_sink/webhook-key", _webhook_key, methods=["GET"]),
+        Route("/_sink/suppressions", _sink_suppressions, methods=["GET", "POST", "DELETE"]),
+        *(
+            Route(f"/v3/suppression/{name}", _suppression_list(name), methods=["GET"])
+            for name in PAGED_LISTS
+        ),
+        Route("/v3/asm/suppressions", _group_suppressions, methods=["GET"]),
+        Route("/v3/asm/suppressions/global", _add_global, methods=["POST"]),
     ]
     app = _SinkApp(
         mail_send,

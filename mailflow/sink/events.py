@@ -31,6 +31,7 @@ import re
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -43,7 +44,14 @@ from mailflow.sink.config import SinkConfig
 from mailflow.sink.store import MessageRecord, Recipient
 from mailflow.webhook import signing
 
-__all__ = ["DEFAULT_CLICK_URL", "EventEmitter", "events_for", "load_private_key"]
+__all__ = [
+    "DEFAULT_CLICK_URL",
+    "EventEmitter",
+    "OutcomeHook",
+    "events_for",
+    "fixed_outcome",
+    "load_private_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,22 +105,30 @@ def _click_url(payload: Any) -> str:
     return DEFAULT_CLICK_URL
 
 
+_FIXED_OUTCOMES = (
+    ("bounce", ("bounce",)),
+    ("blocked", ("blocked",)),
+    ("drop", ("dropped",)),
+    ("defer", ("deferred", "delivered")),
+    ("spam", ("delivered", "spamreport")),
+    ("unsub", ("delivered", "open", "unsubscribe")),
+    ("open", ("delivered", "open", "click")),
+)
+
+
+def fixed_outcome(local: str) -> tuple[str, ...] | None:
+    """The outcome of a local part with a fixed one (see the module doc), else None."""
+    for prefix, names in _FIXED_OUTCOMES:
+        if local.startswith(prefix):
+            return names
+    return None
+
+
 def _outcome(local: str, config: SinkConfig, rng: random.Random) -> list[str]:
     """Event names after ``processed`` for one recipient, in order."""
-    if local.startswith("bounce"):
-        return ["bounce"]
-    if local.startswith("blocked"):
-        return ["blocked"]
-    if local.startswith("drop"):
-        return ["dropped"]
-    if local.startswith("defer"):
-        return ["deferred", "delivered"]
-    if local.startswith("spam"):
-        return ["delivered", "spamreport"]
-    if local.startswith("unsub"):
-        return ["delivered", "open", "unsubscribe"]
-    if local.startswith("open"):
-        return ["delivered", "open", "click"]
+    fixed = fixed_outcome(local)
+    if fixed is not None:
+        return list(fixed)
     if rng.random() < config.bounce_rate:
         return ["bounce"]
     names = ["delivered"]
@@ -131,10 +147,20 @@ def _event_id() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
 
 
+#: Told each outcome as it is decided: (address, event name, unix time of the message).
+OutcomeHook = Callable[[str, str, int], None]
+
+
 def events_for(
-    record: MessageRecord, config: SinkConfig, rng: random.Random
+    record: MessageRecord,
+    config: SinkConfig,
+    rng: random.Random,
+    on_outcome: OutcomeHook | None = None,
 ) -> list[dict[str, Any]]:
-    """The events SendGrid would report for every recipient of ``record``."""
+    """The events SendGrid would report for every recipient of ``record``.
+
+    ``on_outcome`` hears every event name decided for a recipient (the sink's
+    suppression lists are fed this way)."""
     payload = record.payload
     click_url: str | None = None
     ts = int(record.received_ts)
@@ -155,6 +181,8 @@ def events_for(
         }
         names = ["processed", *_outcome(recipient.email.partition("@")[0].lower(), config, rng)]
         for name in names:
+            if on_outcome is not None:
+                on_outcome(recipient.email, name, ts)
             event = {**base, "event": name, "sg_event_id": _event_id()}
             if name == "blocked":
                 event.update(event="bounce", type="blocked", status="5.7.1", reason=_BLOCKED_REASON)
@@ -190,10 +218,11 @@ class EventEmitter:
     (on the running loop) and ``aclose`` flushes what is pending, within a bound.
     """
 
-    def __init__(self, config: SinkConfig) -> None:
+    def __init__(self, config: SinkConfig, on_outcome: OutcomeHook | None = None) -> None:
         if not config.webhook_url:
             raise ConfigError("EventEmitter needs webhook_url.")
         self.config = config
+        self.on_outcome = on_outcome
         self.url = config.webhook_url
         if config.webhook_private_key:
             self._key = load_private_key(config.webhook_private_key)
@@ -216,7 +245,7 @@ class EventEmitter:
 
     def on_accept(self, record: MessageRecord) -> None:
         """Queue the events of one accepted message (runs on the loop; never waits)."""
-        events = events_for(record, self.config, self._rng)
+        events = events_for(record, self.config, self._rng, self.on_outcome)
         self.generated += len(events)
         was_empty = not self._pending
         self._pending.extend(events)

@@ -118,6 +118,17 @@ class SinkHandle:
         response.raise_for_status()
         return int(response.json()["cleared"])
 
+    def seed_suppressions(self, **lists: list[Any]) -> dict[str, int]:
+        """Put entries on suppression lists (``bounces=["a@x.io", {"email": ...,
+        "created": 1700000000}]``); returns how many were new per list."""
+        response = self.client.post("/_sink/suppressions", json=lists)
+        response.raise_for_status()
+        return dict(response.json()["added"])
+
+    def suppression_counts(self) -> dict[str, int]:
+        """Entries per suppression list (``GET /_sink/suppressions``)."""
+        return dict(self._get("/_sink/suppressions"))
+
     def _get(self, path: str, params: dict[str, str | int] | None = None) -> Any:
         response = self.client.get(path, params=params)
         response.raise_for_status()

@@ -331,6 +331,17 @@ watermarks = Table(
     Column("updated_at", DateTime, nullable=False),
 )
 
+#: Addresses mailflow pushed to a provider's suppression list (``mailflow.provider_suppressions``,
+#: migration 0012): one row per address and list, so each is pushed once. ``provider_list``
+#: is e.g. ``sendgrid:unsubscribes`` (SendGrid's global unsubscribes).
+suppression_pushes = Table(
+    "mf_suppression_pushes",
+    metadata,
+    Column("email", String(320), primary_key=True),
+    Column("provider_list", String(64), primary_key=True),
+    Column("pushed_at", DateTime, nullable=False),
+)
+
 # The welcome trigger scans new sign-ups, the weekly digest the customers of due timezones.
 Index("ix_customers_created_at", customers.c.created_at)
 Index("ix_customers_timezone", customers.c.timezone)

@@ -52,3 +52,10 @@ def test_the_core_imports_nothing_from_flows_or_tasks() -> None:
         if line.lstrip().startswith(("from flows", "from tasks", "import flows", "import tasks"))
     ]
     assert offenders == []
+
+
+def test_the_suppression_sync_is_found_the_same_way() -> None:
+    assert isinstance(entrypoints.load(entrypoints.SUPPRESSION_SYNC), Flow)
+    deployment = DEPLOYMENTS[entrypoints.entrypoint(entrypoints.SUPPRESSION_SYNC)]
+    assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert deployment["schedules"][0]["cron"] == "0 * * * *"
