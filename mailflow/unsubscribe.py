@@ -17,6 +17,8 @@ from pydantic import SecretStr
 from mailflow.errors import MailflowError
 
 _VERSION = "v1"
+#: Tokens are ~30 characters; longer input is refused before any work.
+MAX_TOKEN_CHARS = 128
 
 
 class InvalidToken(MailflowError):
@@ -42,11 +44,14 @@ def read_token(secret: SecretStr, token: str) -> int:
     Raises:
         InvalidToken: wrong shape, unknown version, or a signature that does not match.
     """
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+        raise InvalidToken("malformed unsubscribe token")
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != _VERSION:
         raise InvalidToken("malformed unsubscribe token")
     _, payload, mac = parts
-    if not hmac.compare_digest(mac, _mac(secret, payload)):
+    # Bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500).
+    if not hmac.compare_digest(mac.encode(), _mac(secret, payload).encode()):
         raise InvalidToken("unsubscribe token signature does not match")
     try:
         return int(payload, 36)

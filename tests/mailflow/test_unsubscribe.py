@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
@@ -14,7 +15,9 @@ from mailflow import ledger
 from mailflow.unsubscribe import InvalidToken, make_token, read_token
 from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import suppressions
-from mailflow.webhook.app import create_app
+from mailflow.webhook.app import EVENTS_PATH, create_app
+from mailflow.webhook.server import running_webhook
+from mailflow.webhook.signing import generate_keypair
 
 KEY = SecretStr("test-unsubscribe-secret-0123456789")
 ONE_CLICK = {
@@ -80,4 +83,58 @@ def test_forged_token_and_wrong_body_are_refused(client_and_engine: Any) -> None
     assert client.get(f"/u/{forged}").status_code == 400
     wrong = {**ONE_CLICK, "content": b"x=y"}
     assert client.post(f"/u/{make_token(KEY, 1)}", **wrong).status_code == 400
+    assert suppressed(engine) == []
+
+
+@pytest.fixture
+def served(warehouse_url: str) -> Iterator[tuple[httpx.Client, Engine]]:
+    """The webhook service under uvicorn on a real port (its unsubscribe routes)."""
+    engine = make_engine(warehouse_url)
+    with engine.begin() as conn:
+        ledger.plan(
+            conn,
+            "abandoned_cart",
+            [
+                ledger.PlannedMessage(f"abandoned_cart:{i}", f"u{i}@example.com", i, None, {})
+                for i in (1, 2)
+            ],
+            flow_run_id="r",
+        )
+    _, public_b64 = generate_keypair()
+    with running_webhook(engine, public_b64, unsubscribe_key=KEY) as events_url:
+        base = events_url.removesuffix(EVENTS_PATH)
+        with httpx.Client(base_url=base, trust_env=False, timeout=10) as client:
+            yield client, engine
+    engine.dispose()
+
+
+def test_one_click_works_from_both_form_encodings_over_http(served: Any) -> None:
+    client, engine = served
+    # RFC 8058: clients SHOULD send multipart/form-data; urlencoded is also seen.
+    multipart = client.post(
+        f"/u/{make_token(KEY, 1)}", files={"List-Unsubscribe": (None, "One-Click")}
+    )
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.request.headers["content-type"].startswith("multipart/form-data")
+    urlencoded = client.post(f"/u/{make_token(KEY, 2)}", data={"List-Unsubscribe": "One-Click"})
+    assert urlencoded.status_code == 200, urlencoded.text
+    assert sorted(suppressed(engine)) == [
+        ("u1@example.com", "unsubscribe"),
+        ("u2@example.com", "unsubscribe"),
+    ]
+
+
+def test_hostile_tokens_and_bodies_get_400_and_suppress_nothing(served: Any) -> None:
+    client, engine = served
+    token = make_token(KEY, 1)
+    head, payload, mac = token.split(".")
+    for bad in (f"{head}.{payload}.{mac[:-1]}é", "v1.1." + "A" * 500):
+        r = client.post(f"/u/{bad}", data={"List-Unsubscribe": "One-Click"})
+        assert r.status_code == 400 and "not valid" in r.text
+    oversized = client.post(f"/u/{token}", data={"List-Unsubscribe": "One-Click", "x": "y" * 9000})
+    assert oversized.status_code == 400 and "over 8192 bytes" in oversized.text
+    with_file = client.post(
+        f"/u/{token}", files={"List-Unsubscribe": ("a.txt", b"One-Click", "text/plain")}
+    )
+    assert with_file.status_code == 400
     assert suppressed(engine) == []
