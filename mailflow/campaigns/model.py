@@ -267,14 +267,55 @@ def load_campaign(path: str | Path) -> Campaign:
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        size = file.stat().st_size
     except FileNotFoundError:
         raise CampaignError(f"{file}: no such file; give the path of a campaign YAML") from None
+    if size > MAX_CAMPAIGN_BYTES:
+        raise CampaignError(
+            f"{file}: {size} bytes, over the {MAX_CAMPAIGN_BYTES} a campaign file may have"
+        )
+    text = file.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_CampaignLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise CampaignError(f"{file}: not valid YAML ({exc}); fix the syntax") from None
+    except _TooComplex as exc:
+        raise CampaignError(f"{file}: {exc}") from None
     return parse_campaign(data, source=str(file))
+
+
+#: Limits of a campaign file, checked before anything is built from it.
+MAX_CAMPAIGN_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 40
+
+
+class _TooComplex(Exception):
+    pass
+
+
+class _CampaignLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``: a small file could expand into
+    billions of nodes) and with a bound on nesting (deep documents exhaust the stack)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _TooComplex(
+                f"line {mark.line + 1}: YAML aliases (*name) are not allowed in campaign "
+                "files; write the value out"
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _TooComplex(
+                    f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # The segment types are recursive; resolve their references here, where both are imported.

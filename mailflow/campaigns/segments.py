@@ -368,6 +368,10 @@ def _node_tag(value: Any) -> str:
     return "condition"
 
 
+#: Limits of a segment, checked when it is parsed (campaign files, the Prefect form).
+MAX_SEGMENT_DEPTH = 10
+MAX_SEGMENT_CONDITIONS = 200
+
 #: A segment: a :class:`Condition` or a :class:`Group`. Its JSON schema (the Prefect form)
 #: is a plain object: the recursive union has no schema a form could render usefully, and
 #: the validation above names every problem anyway.
@@ -401,6 +405,15 @@ class Group(BaseModel):
                 "a group needs exactly one of 'all', 'any' or 'not'"
                 + (f" (got {', '.join(given)}); nest one group inside the other" if given else "")
             )
+        if _depth(self) > MAX_SEGMENT_DEPTH:
+            raise ValueError(
+                f"the segment nests more than {MAX_SEGMENT_DEPTH} levels deep; flatten it"
+            )
+        if _conditions(self) > MAX_SEGMENT_CONDITIONS:
+            raise ValueError(
+                f"the segment has more than {MAX_SEGMENT_CONDITIONS} conditions; use "
+                "'in' with a list of values instead of one condition per value"
+            )
         return self
 
 
@@ -418,11 +431,20 @@ def parse_segment(data: Any) -> Condition | Group:
     return _SEGMENT_ADAPTER.validate_python(data)
 
 
+def _children(node: Group) -> list[Condition | Group]:
+    return list(node.all or node.any or ([node.not_] if node.not_ is not None else []))
+
+
 def _depth(node: Condition | Group) -> int:
     if isinstance(node, Condition):
         return 1
-    children = node.all or node.any or ([node.not_] if node.not_ is not None else [])
-    return 1 + max(_depth(c) for c in children)
+    return 1 + max(_depth(c) for c in _children(node))
+
+
+def _conditions(node: Condition | Group) -> int:
+    if isinstance(node, Condition):
+        return 1
+    return sum(_conditions(c) for c in _children(node))
 
 
 def compile_segment(node: Condition | Group, *, now: datetime) -> ColumnElement[bool]:
@@ -430,8 +452,8 @@ def compile_segment(node: Condition | Group, *, now: datetime) -> ColumnElement[
 
     ``now`` anchors relative filters such as ``within_days`` (naive UTC).
     """
-    if _depth(node) > 10:
-        raise ValueError("the segment nests more than 10 levels deep; flatten it")
+    if _depth(node) > MAX_SEGMENT_DEPTH:  # a Group refuses this already; a safety net
+        raise ValueError(f"the segment nests more than {MAX_SEGMENT_DEPTH} levels deep")
     return _compile(node, now)
 
 
