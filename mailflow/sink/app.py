@@ -84,6 +84,8 @@ class SinkState:
         self.rejected: Counter[int] = Counter()
         #: Transports by client address, filled by the server's protocol (see module doc).
         self.connections: dict[tuple[str, int], asyncio.Transport] = {}
+        #: Set by that protocol: a missing transport then means the client already left.
+        self.tracks_connections = False
         self._keys = {key.encode() for key in config.api_keys}
         self._forbidden = {key.encode() for key in config.forbidden_keys}
         self._pauses: set[asyncio.Future[None]] = set()
@@ -268,6 +270,11 @@ class MailSendEndpoint:
     async def _drop(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
         transport = self.state.connections.get(tuple(client)) if client else None
+        if transport is None and self.state.tracks_connections:
+            # The client gave up first (e.g. its timeout passed during a "slow" fault):
+            # the connection is gone already, which is what a drop would have done.
+            self.state.dropped += 1
+            return
         if transport is None:
             # Not served by mailflow.sink.server (e.g. another ASGI server): answer
             # something a client also has to treat as "unknown outcome".

@@ -45,6 +45,7 @@ class _TrackingProtocol(_UvicornProtocol):
         )
         if self._sink is not None and self.client is not None:
             self._sink.connections[self.client] = transport
+            self._sink.tracks_connections = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._sink is not None and self.client is not None:

@@ -403,6 +403,24 @@ def test_dropped_connection_has_no_response(sink: SinkHandle, http: httpx.Client
     assert len(sink.messages()) == 1
 
 
+def test_a_drop_after_the_client_gave_up_is_counted_not_answered(
+    sink: SinkHandle, http: httpx.Client
+) -> None:
+    """The client's timeout passes before the drop: its connection is gone already, so
+    there is nothing to cut and nothing to answer (no 502 for a connection nobody reads)."""
+    before = sink.stats()
+    sink.set_faults(script=[{"drop": True, "delay_ms": 600}])
+    with pytest.raises(httpx.ReadTimeout):
+        send(http, MAILER_PAYLOAD, timeout=0.1)
+    deadline = time.monotonic() + 5
+    while sink.stats()["dropped"] == before["dropped"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = sink.stats()
+    assert after["dropped"] == before["dropped"] + 1
+    assert after["rejected"] == before["rejected"]
+    assert sink.messages() == []
+
+
 def test_random_errors_are_reproducible_with_a_seed(sink: SinkHandle, http: httpx.Client) -> None:
     def run() -> list[int]:
         sink.set_faults(error_rate_500=0.3, error_rate_503=0.3, seed=42)
