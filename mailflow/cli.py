@@ -535,7 +535,7 @@ def report(
 
 
 def _experiment_report(engine: Any, campaign: str) -> None:
-    from mailflow.campaigns.stats import experiment_table, render_table
+    from mailflow.campaigns.stats import experiment_table, render_table, split_check
 
     rows = experiment_table(engine, campaign)
     if not rows:
@@ -544,8 +544,15 @@ def _experiment_report(engine: Any, campaign: str) -> None:
             "(mailflow campaign preview FILE shows it) or send it first",
             param_hint="--campaign",
         )
+    check = split_check(engine, campaign)
+    if check is not None:
+        style = "bold red" if check.mismatch else "green"
+        console.print(f"[{style}]{check.summary()}[/{style}]", highlight=False)
     console.print(render_table(rows, title=f"campaign {campaign}: results per arm"))
-    console.print("stored in table mf_campaign_results")
+    console.print(
+        "stored in tables mf_campaign_results and mf_campaign_split; definitions: "
+        "docs/metrics.md (metrics contract v2)"
+    )
 
 
 def main() -> None:
