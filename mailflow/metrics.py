@@ -265,8 +265,12 @@ def _attribution(
         ).all(),
         ["ledger_id", "customer_id", "sent_at"],
     )
+    if sends.empty:
+        # Buyers who were never sent anything (others in this chunk were): nothing to credit.
+        return []
     for frame, column in ((order_rows, "created_at"), (sends, "sent_at")):
-        frame[column] = pd.to_datetime(frame[column])
+        # One unit on both sides: merge_asof refuses to compare datetime64[s] with [us].
+        frame[column] = pd.to_datetime(frame[column]).astype("datetime64[ns]")
         frame["customer_id"] = frame["customer_id"].astype("int64")
     order_rows["total"] = order_rows["total"].astype(float)
     matched = _attribute(sends, order_rows, window)

@@ -510,3 +510,19 @@ def test_times_to_open_and_click_are_exact_and_never_negative(engine: Engine) ->
     assert row["p90_seconds_to_open"] == pytest.approx(np.percentile(to_open, 90), abs=1e-9)
     assert row["median_seconds_to_click"] == pytest.approx(np.median(to_click), abs=1e-9)
     assert row["p90_seconds_to_click"] == pytest.approx(np.percentile(to_click, 90), abs=1e-9)
+
+
+def test_an_order_by_a_customer_never_sent_anything_beside_one_who_was(engine: Engine) -> None:
+    # Found by the property test: an incremental run recomputing, in one chunk, a customer
+    # who was sent a message and a buyer who never was, crashed in the attribution.
+    w = World(engine, seed=2)
+    sent_to, buyer = w.customers(2)
+    rollup(engine)
+    w.send([sent_to], "welcome", start=utcnow() - timedelta(hours=2))
+    w.buy([buyer], around=utcnow() - timedelta(hours=1), spread_h=0)
+    w.orders[-1]["status"] = "placed"
+    with engine.begin() as conn:
+        conn.execute(orders.update().values(status="placed"))
+    result = rollup(engine, overlap=timedelta(0))
+    assert not result.full and result.customers == 2
+    assert stored_daily(engine) == w.expected_daily()
