@@ -4,7 +4,8 @@ event's flag, and the views' rates against the report's one list of definitions.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alembic import command
@@ -102,3 +103,34 @@ def test_a_click_without_an_open_counts_as_opened_and_proves_delivery(engine: En
         for r in conn.execute(text("SELECT * FROM mf_engagement_daily")).mappings():
             assert r["unique_clicks"] <= r["unique_opens"] <= r["delivered"] <= r["sent"]
             assert r["click_to_open_rate"] is None or r["click_to_open_rate"] <= 1
+
+
+def test_the_funnel_chart_and_the_table_agree_on_every_percentage(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from mailflow.report import (
+        FUNNEL,
+        Period,
+        funnel_chart,
+        funnel_labels,
+        funnel_rows,
+        metrics_tables,
+        period_metrics,
+    )
+
+    build_world(engine)
+    rollup(engine)
+    rows = period_metrics(engine, Period(date(2000, 1, 1), date(2100, 1, 1)))
+    per_trigger = funnel_rows(rows)
+    for table in metrics_tables(rows):
+        trigger = str(table.title)
+        labels = list(table.columns[0]._cells)
+        total = list(table.columns[-1]._cells)  # the "all" column: every variant
+        cells = {label: total[labels.index(label)] for label, _, _ in FUNNEL}
+        chart = funnel_labels(per_trigger[trigger])
+        assert chart == [cells[label] for label, _, _ in FUNNEL]
+        # Each percentage says its denominator.
+        assert "% of delivered)" in cells["opened (human)"]
+        assert "% of sent)" in cells["converted (last touch)"]
+    png = funnel_chart(rows, tmp_path / "funnel.png", title="t")
+    assert png.stat().st_size > 1000
