@@ -163,6 +163,13 @@ def print_counts(engine: object) -> None:
     console.print(table)
 
 
+#: Printed under every metric table: where the definitions are.
+CONTRACT_NOTE = (
+    "definitions: docs/metrics.md (metrics contract v2) — opens are human (machine opens "
+    "apart), each % names its denominator"
+)
+
+
 @app.command()
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="Size of the synthetic shop.")] = 5_000,
@@ -274,6 +281,7 @@ def demo(
     title = "engagement of the demo's messages (mailflow report, view mf_engagement_daily)"
     console.print(title)
     console.print(*metrics_tables(rows))
+    console.print(CONTRACT_NOTE)
     chart = funnel_chart(rows, DATA_DIR / "demo-funnel.png", title=title)
     console.print(f"funnel chart: {_shown(chart)}")
     webhook_engine.dispose()
@@ -530,6 +538,7 @@ def report(
         return
     console.print(title)
     console.print(*metrics_tables(rows))
+    console.print(CONTRACT_NOTE)
     written = funnel_chart(rows, chart, title=title)
     console.print(f"funnel chart: {_shown(written)}")
 

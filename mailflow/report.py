@@ -114,9 +114,19 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def share(row: Mapping[str, Any], rate: str) -> str:
-    """A rate of ``row`` with its denominator said: ``40.0% of delivered``."""
-    return f"{_pct(row[rate])} of {_DENOMINATOR[rate]}"
+#: How a denominator is named beside a percentage.
+_OF = {"unique_opens": "opened"}
+
+
+def denominator(rate: str) -> str:
+    """What ``rate`` is a share of, as the report and the chart name it."""
+    den = _DENOMINATOR[rate]
+    return _OF.get(den, den)
+
+
+def line_label(label: str, rate: str | None) -> str:
+    """A report table's line label, with its rate's denominator: ``opened (% of delivered)``."""
+    return label if rate is None else f"{label} (% of {denominator(rate)})"
 
 
 #: (label, count column, rate shown beside it) — one line of a report table each.
@@ -136,12 +146,12 @@ _LINES = (
 
 
 def _cell(row: Mapping[str, Any], count: str | None, rate: str | None) -> str:
+    """A table cell: the count and its rate (the line label says of what)."""
     if count == "revenue":
         return f"{row['revenue']:,.2f}"
-    parts = [] if count is None else [f"{row[count]:,}"]
-    if rate is not None:
-        parts.append(f"({share(row, rate)})")
-    return " ".join(parts)
+    if count is None:
+        return _pct(row[rate]) if rate is not None else ""
+    return f"{row[count]:,}" if rate is None else f"{row[count]:,} ({_pct(row[rate])})"
 
 
 def metrics_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
@@ -164,7 +174,7 @@ def metrics_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
         for c in columns:
             table.add_column(c["variant"], justify="right")
         for label, count, rate in _LINES:
-            table.add_row(label, *(_cell(c, count, rate) for c in columns))
+            table.add_row(line_label(label, rate), *(_cell(c, count, rate) for c in columns))
         tables.append(table)
     return tables
 
@@ -193,8 +203,14 @@ def funnel_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def funnel_labels(totals: Mapping[str, Any]) -> list[str]:
-    """The text beside each funnel bar: the count and its rate, the same cell as the table's."""
-    return [_cell(totals, column, rate) for _, column, rate in FUNNEL]
+    """The text beside each funnel bar: the table's cell, its denominator said inside:
+    ``34 (35.1% of delivered)`` where the table's line ``opened (human) (% of delivered)``
+    shows ``34 (35.1%)``."""
+    out = []
+    for _, column, rate in FUNNEL:
+        cell = _cell(totals, column, rate)
+        out.append(cell if rate is None else f"{cell[:-1]} of {denominator(rate)})")
+    return out
 
 
 def funnel_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> Path:

@@ -236,3 +236,31 @@ def test_the_split_check_flags_a_mismatch_and_an_unconfigured_arm() -> None:
     assert sample_ratio_mismatch("x", {}, {"a": 0.5, "b": 0.5}).p_value is None
     fine = sample_ratio_mismatch("x", {"a": 500, "b": 500}, {"a": 0.5, "b": 0.5})
     assert not fine.mismatch and fine.p_value == pytest.approx(1.0)
+
+
+def test_the_campaign_open_rate_is_the_rollups(env) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from mailflow.metrics import rollup
+
+    engine = get_engine()
+    experiment(engine)
+    rollup(engine)
+    got = {
+        (r["arm"], r["metric"]): r["rate"]
+        for r in experiment_table(engine, "exp", variants=["control", "b"])
+    }
+    with engine.connect() as conn:
+        totals = {
+            r.variant: r
+            for r in conn.execute(
+                text(
+                    "SELECT variant, open_rate, click_rate, delivery_rate FROM "
+                    "mf_engagement_totals WHERE trigger = 'campaign:exp'"
+                )
+            )
+        }
+    for arm in ("control", "b"):
+        assert got[(arm, "open")] == pytest.approx(totals[arm].open_rate, abs=1e-12)
+        assert got[(arm, "click")] == pytest.approx(totals[arm].click_rate, abs=1e-12)
+        assert got[(arm, "delivered")] == pytest.approx(totals[arm].delivery_rate, abs=1e-12)
