@@ -409,7 +409,8 @@ campaign_assignments = Table(
 
 #: One row per (campaign, arm, metric): the experiment's results, rebuilt on demand.
 #: ``arm`` is a variant, ``holdout``, or ``all_variants`` (the campaign as a whole);
-#: ``metric`` is ``sent``, ``open``, ``click`` or ``conversion``. Rates are
+#: ``metric`` is ``sent``, ``delivered``, ``open``, ``click``, ``click_to_open`` or
+#: ``itt_conversion`` (docs/metrics.md; ``conversion`` before migration 0013). Rates are
 #: numerator / denominator with a 95 % Wilson interval; the differences are against the
 #: control arm (the first variant) and the holdout, with two-proportion z-test p-values.
 campaign_results = Table(

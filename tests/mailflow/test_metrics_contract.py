@@ -58,10 +58,19 @@ def test_migration_0013_flags_stored_machine_opens_and_goes_back(
                 ),
                 {"k": f"k{n}", "at": NOW, "raw": raw},
             )
+        # A v1 result row: an unlabelled "conversion", gone after the upgrade.
+        conn.execute(
+            text(
+                "INSERT INTO mf_campaign_results (campaign, arm, metric, numerator, "
+                "denominator, computed_at) VALUES ('c', 'a', 'conversion', 1, 2, :at)"
+            ),
+            {"at": NOW},
+        )
     upgrade(warehouse_url)
     with engine.connect() as conn:
         flags = dict(conn.execute(select(events.c.natural_key, events.c.machine_open)).all())
         assert flags == {"k0": True, "k1": False, "k2": False}
+        assert conn.execute(text("SELECT COUNT(*) FROM mf_campaign_results")).scalar_one() == 0
         # The v2 views answer.
         conn.execute(text("SELECT machine_open_rate, p90_seconds_to_open FROM mf_engagement_daily"))
 

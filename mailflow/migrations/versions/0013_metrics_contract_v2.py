@@ -14,6 +14,9 @@ The metrics contract v2 (docs/metrics.md):
 - the views ``mf_engagement_daily`` / ``mf_engagement_totals`` with the v2 rates;
 - ``mf_campaign_results.verdict_vs_control`` / ``verdict_vs_holdout`` and the table
   ``mf_campaign_split`` (configured vs observed split, sample-ratio-mismatch check).
+  Stored results were computed on v1's definitions (an unlabelled ``conversion``, opens
+  of sent): they are deleted; the engagement-rollup flow recomputes those of recent
+  campaigns and ``mailflow report --campaign NAME`` any campaign's.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ def upgrade() -> None:
     _reset_rollup()
     _create_views(_COUNTS, _RATES, _TIMES)
 
+    op.execute("DELETE FROM mf_campaign_results")
     with op.batch_alter_table("mf_campaign_results") as batch_op:
         batch_op.add_column(sa.Column("verdict_vs_control", sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column("verdict_vs_holdout", sa.String(length=16), nullable=True))
@@ -180,6 +184,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("mf_campaign_split")
+    op.execute("DELETE FROM mf_campaign_results")
     with op.batch_alter_table("mf_campaign_results") as batch_op:
         batch_op.drop_column("verdict_vs_holdout")
         batch_op.drop_column("verdict_vs_control")
