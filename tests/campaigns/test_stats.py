@@ -264,3 +264,15 @@ def test_the_campaign_open_rate_is_the_rollups(env) -> None:  # type: ignore[no-
         assert got[(arm, "open")] == pytest.approx(totals[arm].open_rate, abs=1e-12)
         assert got[(arm, "click")] == pytest.approx(totals[arm].click_rate, abs=1e-12)
         assert got[(arm, "delivered")] == pytest.approx(totals[arm].delivery_rate, abs=1e-12)
+
+
+@pytest.mark.parametrize(("x_a", "n_a", "x_b", "n_b"), [(30, 100, 20, 100), (7, 40, 15, 60)])
+def test_the_newcombe_interval_matches_the_formula(x_a: int, n_a: int, x_b: int, n_b: int) -> None:
+    # Newcombe's hybrid score interval (method 10) from the two Wilson intervals.
+    p_a, p_b = x_a / n_a, x_b / n_b
+    (l_a, u_a), (l_b, u_b) = wilson(x_a, n_a), wilson(x_b, n_b)
+    d = p_a - p_b
+    low = d - math.sqrt((p_a - l_a) ** 2 + (u_b - p_b) ** 2)
+    high = d + math.sqrt((u_a - p_a) ** 2 + (p_b - l_b) ** 2)
+    c = compare(x_a, n_a, x_b, n_b)
+    assert c.ci_low == pytest.approx(low, abs=1e-9) and c.ci_high == pytest.approx(high, abs=1e-9)
