@@ -28,8 +28,9 @@ def engagement_rollup(
     Args:
         full: Rebuild every fact and day instead of only what changed (also picks up
             orders loaded later than the attribution window).
-        attribution_hours: An order counts as a conversion of the latest message sent to
-            the same customer at most this many hours before it.
+        attribution_hours: An order counts as a last-touch conversion
+            (`conversions_last_touch`) of the latest message sent to the same customer at
+            most this many hours before it (docs/metrics.md).
         report_days: Send days shown in the `engagement-metrics` artifact.
         campaign_days: Campaigns that sent within this many days get their experiment
             results (`mf_campaign_results` and artifact) recomputed.

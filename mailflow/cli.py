@@ -163,6 +163,13 @@ def print_counts(engine: object) -> None:
     console.print(table)
 
 
+#: Printed under every metric table: where the definitions are.
+CONTRACT_NOTE = (
+    "definitions: docs/metrics.md (metrics contract v2) — opens are human (machine opens "
+    "apart), each % names its denominator"
+)
+
+
 @app.command()
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="Size of the synthetic shop.")] = 5_000,
@@ -274,6 +281,7 @@ def demo(
     title = "engagement of the demo's messages (mailflow report, view mf_engagement_daily)"
     console.print(title)
     console.print(*metrics_tables(rows))
+    console.print(CONTRACT_NOTE)
     chart = funnel_chart(rows, DATA_DIR / "demo-funnel.png", title=title)
     console.print(f"funnel chart: {_shown(chart)}")
     webhook_engine.dispose()
@@ -530,12 +538,13 @@ def report(
         return
     console.print(title)
     console.print(*metrics_tables(rows))
+    console.print(CONTRACT_NOTE)
     written = funnel_chart(rows, chart, title=title)
     console.print(f"funnel chart: {_shown(written)}")
 
 
 def _experiment_report(engine: Any, campaign: str) -> None:
-    from mailflow.campaigns.stats import experiment_table, render_table
+    from mailflow.campaigns.stats import experiment_table, render_table, split_check
 
     rows = experiment_table(engine, campaign)
     if not rows:
@@ -544,8 +553,15 @@ def _experiment_report(engine: Any, campaign: str) -> None:
             "(mailflow campaign preview FILE shows it) or send it first",
             param_hint="--campaign",
         )
+    check = split_check(engine, campaign)
+    if check is not None:
+        style = "bold red" if check.mismatch else "green"
+        console.print(f"[{style}]{check.summary()}[/{style}]", highlight=False)
     console.print(render_table(rows, title=f"campaign {campaign}: results per arm"))
-    console.print("stored in table mf_campaign_results")
+    console.print(
+        "stored in tables mf_campaign_results and mf_campaign_split; definitions: "
+        "docs/metrics.md (metrics contract v2)"
+    )
 
 
 def main() -> None:

@@ -1,11 +1,18 @@
 """Engagement metrics: from ledger rows, webhook events and orders to analyst tables.
 
-Two tables, rebuilt incrementally (see the README's data dictionary):
+Two tables, rebuilt incrementally; every definition is the metrics contract's
+(``docs/metrics.md``, version :data:`CONTRACT_VERSION`):
 
-- ``mf_message_facts``, one row per sent message: delivered, bounced, opened,
-  clicked, unsubscribed, complained, and the orders attributed to it;
+- ``mf_message_facts``, one row per sent message: delivered, bounced, opened (human
+  and machine opens apart), clicked, unsubscribed, complained, and the orders
+  attributed to it;
 - ``mf_metrics_daily``, one row per (trigger, variant, send day): those facts added
-  up. The views ``mf_engagement_daily`` and ``mf_engagement_totals`` add the rates.
+  up, with the median and 90th percentile of the seconds to open and to click. The
+  views ``mf_engagement_daily`` and ``mf_engagement_totals`` add the rates.
+
+Times: SendGrid's event timestamps are whole seconds, ``sent_at`` has microseconds. A
+duration is an event's time minus ``sent_at`` truncated to the second (both at the
+precision of the events), never below 0.
 
 Attribution is last touch: an order belongs to the latest message sent to the same
 customer before it, if that message went out at most ``attribution_window`` earlier.
@@ -38,8 +45,10 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    not_,
     or_,
     select,
+    update,
 )
 
 from mailflow.clock import utcnow
@@ -53,6 +62,8 @@ from mailflow.warehouse.schema import (
 )
 from mailflow.warehouse.schema import send_ledger as ledger
 
+#: The version of docs/metrics.md these tables implement.
+CONTRACT_VERSION = 2
 ROLLUP_NAME = "engagement"
 #: PostgreSQL advisory lock key of the rollup (any constant unique to this job).
 _LOCK_KEY = 0x6D66_726F6C6C  # "mfroll"
@@ -96,6 +107,14 @@ def _count(condition: Any) -> Any:
 
 def _first(condition: Any) -> Any:
     return func.min(case((condition, events.c.occurred_at), else_=None))
+
+
+def _human_open() -> Any:
+    return and_(events.c.event == "open", not_(events.c.machine_open))
+
+
+def _machine_open() -> Any:
+    return and_(events.c.event == "open", events.c.machine_open)
 
 
 def _changes(
@@ -150,6 +169,10 @@ def _facts_select(which: Any, now: datetime) -> Any:
     l_, e = ledger.c, events.c
     sent_at = func.coalesce(l_.sent_at, l_.updated_at)
     bounce_kind = func.lower(func.coalesce(e.bounce_type, "bounce"))
+    # An open or a click proves delivery when the delivered event is missing (lost, late).
+    delivered_at = func.coalesce(
+        _first(e.event == "delivered"), _first(e.event.in_(("open", "click")))
+    )
     return (
         select(
             l_.id,
@@ -158,13 +181,13 @@ def _facts_select(which: Any, now: datetime) -> Any:
             l_.customer_id,
             func.date(sent_at),
             sent_at,
-            _first(e.event == "delivered"),
+            delivered_at,
             _flag(and_(e.event == "bounce", bounce_kind != "blocked")),
             _flag(and_(e.event == "bounce", bounce_kind == "blocked")),
             _flag(e.event == "dropped"),
             _flag(e.event == "deferred"),
-            _count(e.event == "open"),
-            _first(e.event == "open"),
+            _count(_human_open()),
+            _first(_human_open()),
             _count(e.event == "click"),
             _first(e.event == "click"),
             _flag(e.event.in_(_UNSUBSCRIBE_EVENTS)),
@@ -173,6 +196,7 @@ def _facts_select(which: Any, now: datetime) -> Any:
             literal(None, message_facts.c.first_order_id.type),
             literal(0),
             literal(now, message_facts.c.updated_at.type),
+            _count(_machine_open()),
         )
         .select_from(ledger.outerjoin(events, e.ledger_id == l_.id))
         .where(which, l_.status == "sent")
@@ -241,8 +265,12 @@ def _attribution(
         ).all(),
         ["ledger_id", "customer_id", "sent_at"],
     )
+    if sends.empty:
+        # Buyers who were never sent anything (others in this chunk were): nothing to credit.
+        return []
     for frame, column in ((order_rows, "created_at"), (sends, "sent_at")):
-        frame[column] = pd.to_datetime(frame[column])
+        # One unit on both sides: merge_asof refuses to compare datetime64[s] with [us].
+        frame[column] = pd.to_datetime(frame[column]).astype("datetime64[ns]")
         frame["customer_id"] = frame["customer_id"].astype("int64")
     order_rows["total"] = order_rows["total"].astype(float)
     matched = _attribute(sends, order_rows, window)
@@ -331,6 +359,7 @@ def _rebuild_days(conn: Connection, days: Iterable[date], now: datetime) -> None
     f = message_facts.c
     for part in _chunks(sorted(days), 500):
         conn.execute(delete(metrics_daily).where(metrics_daily.c.day.in_(part)))
+        # Column for column as mf_metrics_daily, up to updated_at (see docs/metrics.md).
         agg = (
             select(
                 f.trigger,
@@ -342,10 +371,13 @@ def _rebuild_days(conn: Connection, days: Iterable[date], now: datetime) -> None
                 _count(f.blocked),
                 _count(f.dropped),
                 _count(f.deferred),
-                _count(f.opens > 0),
+                # A click implies a human open (images off hide the pixel).
+                _count(or_(f.opens > 0, f.clicks > 0)),
                 _count(f.clicks > 0),
                 func.sum(f.opens),
                 func.sum(f.clicks),
+                _count(f.machine_opens > 0),
+                func.sum(f.machine_opens),
                 _count(f.unsubscribed),
                 _count(f.spam_reported),
                 _count(f.orders > 0),
@@ -356,7 +388,86 @@ def _rebuild_days(conn: Connection, days: Iterable[date], now: datetime) -> None
             .where(f.send_day.in_(part))
             .group_by(f.trigger, f.variant, f.send_day)
         )
-        conn.execute(metrics_daily.insert().from_select([c.name for c in metrics_daily.c], agg))
+        columns = [c.name for c in metrics_daily.c][: len(agg.selected_columns)]
+        conn.execute(metrics_daily.insert().from_select(columns, agg))
+        _rebuild_times(conn, part)
+
+
+def _rebuild_times(conn: Connection, days: Sequence[date]) -> None:
+    """Median and p90 seconds to open and to click of the facts sent on ``days``."""
+    f, m = message_facts.c, metrics_daily.c
+    facts = _frame(
+        conn.execute(
+            select(
+                f.trigger, f.variant, f.send_day, f.sent_at, f.first_open_at, f.first_click_at
+            ).where(
+                f.send_day.in_(days),
+                or_(f.first_open_at.is_not(None), f.first_click_at.is_not(None)),
+            )
+        ).all(),
+        ["trigger", "variant", "day", "sent_at", "first_open_at", "first_click_at"],
+    )
+    if facts.empty:
+        return
+    times = durations(facts)
+    rows = [
+        {"b_trigger": key[0], "b_variant": key[1], "b_day": key[2], **values}
+        for key, values in times.items()
+    ]
+    conn.execute(
+        update(metrics_daily)
+        .where(
+            m.trigger == bindparam("b_trigger"),
+            m.variant == bindparam("b_variant"),
+            m.day == bindparam("b_day"),
+        )
+        .values({name: bindparam(name) for name in TIME_COLUMNS}),
+        rows,
+    )
+
+
+#: The time columns of ``mf_metrics_daily`` (per day only: percentiles do not add up).
+TIME_COLUMNS = (
+    "median_seconds_to_open",
+    "p90_seconds_to_open",
+    "median_seconds_to_click",
+    "p90_seconds_to_click",
+)
+
+
+def seconds_since_send(sent_at: pd.Series, at: pd.Series) -> pd.Series:
+    """Seconds from ``sent_at`` truncated to the second to ``at`` (whole seconds), at least 0.
+
+    SendGrid's event times are whole seconds and ``sent_at`` is recorded when SendGrid
+    answered, so an event of the same second may carry an earlier time than ``sent_at``.
+    """
+    sent = pd.to_datetime(sent_at).dt.floor("s")
+    return (pd.to_datetime(at) - sent).dt.total_seconds().clip(lower=0)
+
+
+def durations(facts: pd.DataFrame) -> dict[tuple[Any, Any, Any], dict[str, float | None]]:
+    """Per (trigger, variant, day): median and p90 seconds to open and to click.
+
+    Time to open runs to the first human open or the first click, whichever came first
+    (a click implies an open); time to click to the first click. Percentiles interpolate
+    linearly between the closest ranks (numpy's default, PostgreSQL's percentile_cont).
+    """
+    frame = facts.copy()
+    opened = pd.concat(
+        [pd.to_datetime(frame["first_open_at"]), pd.to_datetime(frame["first_click_at"])], axis=1
+    ).min(axis=1)
+    frame["to_open"] = seconds_since_send(frame["sent_at"], opened)
+    frame["to_click"] = seconds_since_send(frame["sent_at"], frame["first_click_at"])
+    out: dict[tuple[Any, Any, Any], dict[str, float | None]] = {}
+    for key, group in frame.groupby(["trigger", "variant", "day"], sort=False):
+        values: dict[str, float | None] = {}
+        for kind in ("open", "click"):
+            seconds = group[f"to_{kind}"].dropna()
+            empty = seconds.empty
+            values[f"median_seconds_to_{kind}"] = None if empty else float(seconds.quantile(0.5))
+            values[f"p90_seconds_to_{kind}"] = None if empty else float(seconds.quantile(0.9))
+        out[(key[0], key[1], key[2])] = values
+    return out
 
 
 def _state(conn: Connection) -> tuple[int, datetime] | None:

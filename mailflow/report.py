@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, select
 
 from mailflow.warehouse.schema import metrics_daily
 
-#: Summed columns, in display order.
+#: Summed columns, in display order (``mf_metrics_daily``; docs/metrics.md, contract v2).
 COUNTS = (
     "sent",
     "delivered",
@@ -25,29 +25,37 @@ COUNTS = (
     "unique_clicks",
     "opens",
     "clicks",
+    "unique_machine_opens",
+    "machine_opens",
     "unsubscribes",
     "spam_reports",
-    "conversions",
+    "conversions_last_touch",
     "orders",
 )
-#: name, numerator, denominator: the same definitions as the ``mf_engagement_*`` views.
+#: name, numerator, denominator: the same definitions as the ``mf_engagement_*`` views
+#: (migration 0013) and docs/metrics.md.
 RATES = (
     ("delivery_rate", "delivered", "sent"),
     ("bounce_rate", "bounced", "sent"),
+    ("block_rate", "blocked", "sent"),
+    ("drop_rate", "dropped", "sent"),
     ("open_rate", "unique_opens", "delivered"),
+    ("machine_open_rate", "unique_machine_opens", "delivered"),
     ("click_rate", "unique_clicks", "delivered"),
     ("click_to_open_rate", "unique_clicks", "unique_opens"),
     ("complaint_rate", "spam_reports", "delivered"),
     ("unsubscribe_rate", "unsubscribes", "delivered"),
-    ("conversion_rate", "conversions", "delivered"),
+    ("conversion_rate_last_touch", "conversions_last_touch", "sent"),
 )
-#: The funnel stages and the column each one counts.
+_DENOMINATOR = {name: den for name, _, den in RATES}
+#: The funnel stages: label, the column each counts, the rate shown beside it (its
+#: denominator is said with it, on the chart as in the table).
 FUNNEL = (
-    ("sent", "sent"),
-    ("delivered", "delivered"),
-    ("opened", "unique_opens"),
-    ("clicked", "unique_clicks"),
-    ("converted", "conversions"),
+    ("sent", "sent", None),
+    ("delivered", "delivered", "delivery_rate"),
+    ("opened (human)", "unique_opens", "open_rate"),
+    ("clicked", "unique_clicks", "click_rate"),
+    ("converted (last touch)", "conversions_last_touch", "conversion_rate_last_touch"),
 )
 
 
@@ -106,28 +114,44 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+#: How a denominator is named beside a percentage.
+_OF = {"unique_opens": "opened"}
+
+
+def denominator(rate: str) -> str:
+    """What ``rate`` is a share of, as the report and the chart name it."""
+    den = _DENOMINATOR[rate]
+    return _OF.get(den, den)
+
+
+def line_label(label: str, rate: str | None) -> str:
+    """A report table's line label, with its rate's denominator: ``opened (% of delivered)``."""
+    return label if rate is None else f"{label} (% of {denominator(rate)})"
+
+
 #: (label, count column, rate shown beside it) — one line of a report table each.
 _LINES = (
-    ("sent", "sent", None),
-    ("delivered", "delivered", "delivery_rate"),
+    *FUNNEL[:2],
     ("bounced (hard)", "bounced", "bounce_rate"),
-    ("opened (unique)", "unique_opens", "open_rate"),
-    ("clicked (unique)", "unique_clicks", "click_rate"),
+    ("blocked", "blocked", "block_rate"),
+    ("dropped", "dropped", "drop_rate"),
+    *FUNNEL[2:4],
+    ("machine-opened", "unique_machine_opens", "machine_open_rate"),
     ("click-to-open", None, "click_to_open_rate"),
     ("unsubscribed", "unsubscribes", "unsubscribe_rate"),
     ("spam reports", "spam_reports", "complaint_rate"),
-    ("converted", "conversions", "conversion_rate"),
-    ("revenue", "revenue", None),
+    FUNNEL[4],
+    ("revenue (last touch)", "revenue", None),
 )
 
 
 def _cell(row: Mapping[str, Any], count: str | None, rate: str | None) -> str:
+    """A table cell: the count and its rate (the line label says of what)."""
     if count == "revenue":
         return f"{row['revenue']:,.2f}"
-    parts = [] if count is None else [f"{row[count]:,}"]
-    if rate is not None:
-        parts.append(_pct(row[rate]) if count is None else f"({_pct(row[rate])})")
-    return " ".join(parts)
+    if count is None:
+        return _pct(row[rate]) if rate is not None else ""
+    return f"{row[count]:,}" if rate is None else f"{row[count]:,} ({_pct(row[rate])})"
 
 
 def metrics_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
@@ -150,18 +174,17 @@ def metrics_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
         for c in columns:
             table.add_column(c["variant"], justify="right")
         for label, count, rate in _LINES:
-            table.add_row(label, *(_cell(c, count, rate) for c in columns))
+            table.add_row(line_label(label, rate), *(_cell(c, count, rate) for c in columns))
         tables.append(table)
     return tables
 
 
 def artifact_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """:func:`period_metrics` rows shaped for a Prefect table artifact."""
-    keep = ("trigger", "variant", "sent", "delivered", "unique_opens", "unique_clicks")
+    keep = ("trigger", "variant", *COUNTS)
     return [
         {k: r[k] for k in keep}
         | {
-            "conversions": r["conversions"],
             "revenue": round(r["revenue"], 2),
             **{name: None if r[name] is None else round(r[name], 4) for name, _, _ in RATES},
         }
@@ -169,37 +192,56 @@ def artifact_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def funnel_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per trigger: the counts of ``rows`` (all variants) added up, with their rates."""
+    per_trigger: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        totals = per_trigger.setdefault(r["trigger"], dict.fromkeys(COUNTS, 0))
+        for column in COUNTS:
+            totals[column] += int(r[column])
+    return {trigger: with_rates(totals) for trigger, totals in per_trigger.items()}
+
+
+def funnel_labels(totals: Mapping[str, Any]) -> list[str]:
+    """The text beside each funnel bar: the table's cell, its denominator said inside:
+    ``34 (35.1% of delivered)`` where the table's line ``opened (human) (% of delivered)``
+    shows ``34 (35.1%)``."""
+    out = []
+    for _, column, rate in FUNNEL:
+        cell = _cell(totals, column, rate)
+        out.append(cell if rate is None else f"{cell[:-1]} of {denominator(rate)})")
+    return out
+
+
 def funnel_chart(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> Path:
-    """Write a PNG with one funnel per trigger: sent → delivered → opened → clicked → converted."""
+    """Write a PNG with one funnel per trigger: sent → delivered → opened → clicked → converted.
+
+    Each bar says its rate and that rate's denominator, as the report table does.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    per_trigger: dict[str, dict[str, int]] = {}
-    for r in rows:
-        totals = per_trigger.setdefault(r["trigger"], dict.fromkeys((c for _, c in FUNNEL), 0))
-        for _, column in FUNNEL:
-            totals[column] += int(r[column])
+    per_trigger = funnel_rows(rows)
     if not per_trigger:
         raise ValueError("no metric rows in this period: nothing to chart (run the rollup first)")
 
-    labels = [stage for stage, _ in FUNNEL]
+    labels = [stage for stage, _, _ in FUNNEL]
     fig, axes = plt.subplots(
         len(per_trigger), 1, figsize=(8, 1.0 + 2.2 * len(per_trigger)), squeeze=False
     )
     for ax, (trigger, totals) in zip(axes[:, 0], sorted(per_trigger.items()), strict=True):
-        values = [totals[column] for _, column in FUNNEL]
+        values = [totals[column] for _, column, _ in FUNNEL]
         bars = ax.barh(labels, values, color=_COLOURS)
         ax.invert_yaxis()
         ax.set_title(trigger, loc="left", fontsize=11)
         ax.set_xlim(0, max(values[0], 1) * 1.25)
-        for bar, value in zip(bars, values, strict=True):
-            share = f" ({100 * value / values[0]:.1f}%)" if values[0] else ""
+        for bar, text in zip(bars, funnel_labels(totals), strict=True):
             ax.text(
                 bar.get_width(),
                 bar.get_y() + bar.get_height() / 2,
-                f" {value:,}{share}",
+                f" {text}",
                 va="center",
                 fontsize=9,
             )

@@ -54,8 +54,10 @@ def publish_metrics(report_days: int) -> list[dict[str, Any]]:
         table=rows or [{"note": "no messages sent in this period"}],
         description=(
             f"Engagement per trigger and variant, messages sent {period.since} – "
-            f"{period.until} (UTC). Daily rows: view `mf_engagement_daily`; per message: "
-            "`mf_message_facts`."
+            f"{period.until} (UTC). Definitions: docs/metrics.md (metrics contract v2): opens "
+            "are human (machine opens apart), open/click rates are of delivered, "
+            "conversion_rate_last_touch of sent. Daily rows: view `mf_engagement_daily`; per "
+            "message: `mf_message_facts`."
         ),
     )
     return rows

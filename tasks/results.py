@@ -14,7 +14,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from mailflow.campaigns.model import Campaign
-from mailflow.campaigns.stats import display_rows, experiment_table
+from mailflow.campaigns.stats import display_rows, experiment_table, split_check
 from mailflow.campaigns.store import recently_sent_campaigns
 from mailflow.clock import utcnow
 from mailflow.pipeline import resources
@@ -22,16 +22,21 @@ from mailflow.pipeline.campaign import artifact_key
 
 
 def refresh_results(name: str, variants: list[str] | None = None) -> list[dict[str, Any]]:
-    """Recompute a campaign's experiment table, store it, and publish it as an artifact."""
-    rows = experiment_table(resources.current().engine, name, variants=variants)
+    """Recompute a campaign's experiment table and split check, store them, and publish
+    them as an artifact (the split check, flagged on a sample-ratio mismatch, leads)."""
+    engine = resources.current().engine
+    rows = experiment_table(engine, name, variants=variants)
+    check = split_check(engine, name)
     if rows:
         control = variants[0] if variants else rows[0].get("control_arm") or rows[0]["arm"]
+        split = "" if check is None else f"**{check.summary()}** (table `mf_campaign_split`). "
         create_table_artifact(
             key=artifact_key(name, "results"),
             table=display_rows(rows),
-            description=f"Experiment results of campaign {name} (control: {control}); table "
-            "`mf_campaign_results`. Conversions count orders within 72 h, so they grow until "
-            "then; the engagement-rollup flow refreshes this table.",
+            description=f"{split}Experiment results of campaign {name} (control: {control}); "
+            "table `mf_campaign_results`, definitions in docs/metrics.md (contract v2). "
+            "itt_conversion counts orders within 72 h of the send (intention to treat), so "
+            "it grows until then; the engagement-rollup flow refreshes this table.",
         )
     return rows
 

@@ -80,6 +80,10 @@ WebhookKey = Annotated[
     ),
 ]
 OpenRate = Annotated[float, typer.Option(help="Share of delivered messages opened.")]
+MachineOpenRate = Annotated[
+    float,
+    typer.Option(help="Share of delivered messages with a machine open (sg_machine_open)."),
+]
 ClickRate = Annotated[float, typer.Option(help="Share of opens that click.")]
 UnsubscribeRate = Annotated[float, typer.Option(help="Share of deliveries that unsubscribe.")]
 SpamRate = Annotated[float, typer.Option(help="Share of deliveries reported as spam.")]
@@ -161,6 +165,7 @@ def main(
     webhook_url: WebhookUrl = None,
     webhook_private_key: WebhookKey = None,
     open_rate: OpenRate = 0.4,
+    machine_open_rate: MachineOpenRate = 0.25,
     click_rate: ClickRate = 0.15,
     unsubscribe_rate: UnsubscribeRate = 0.01,
     spam_rate: SpamRate = 0.002,

@@ -177,6 +177,7 @@ def _check_fault(name: str, value: object) -> Any:
 
 _EVENT_RATES = (
     "open_rate",
+    "machine_open_rate",
     "click_rate",
     "unsubscribe_rate",
     "spam_rate",
@@ -197,6 +198,8 @@ class SinkConfig:
     like SendGrid's Signed Event Webhook (see ``mailflow.sink.events``), signed with
     ``webhook_private_key`` (PEM; None: a key pair generated at start-up, its public
     half served at ``GET /_sink/webhook-key``). ``click_rate`` is a share of opens;
+    ``machine_open_rate`` is the share of delivered messages whose
+    pixel a privacy proxy fetches (an ``open`` flagged ``sg_machine_open``);
     ``duplicate_rate`` is the share of batches posted twice; ``events_seed`` seeds the
     outcome RNG.
     """
@@ -210,6 +213,7 @@ class SinkConfig:
     webhook_url: str | None = None
     webhook_private_key: str | None = field(default=None, repr=False)
     open_rate: float = 0.4
+    machine_open_rate: float = 0.25
     click_rate: float = 0.15
     unsubscribe_rate: float = 0.01
     spam_rate: float = 0.002

@@ -12,6 +12,16 @@ Each accepted message yields, per recipient, ``processed`` then ``delivered`` (o
     spam...     delivered, spamreport
     unsub...    delivered, open, unsubscribe
     open...     delivered, open, click
+    mpp...      delivered, a machine open (``sg_machine_open: true``) and nothing else
+
+Like SendGrid with Apple Mail Privacy Protection, a share (``machine_open_rate``) of the
+other delivered messages also gets a machine open: an ``open`` flagged
+``sg_machine_open: true``, timestamped at delivery (the proxy fetches the pixel then,
+whether or not anyone reads). ``processed``, ``delivered`` and machine opens carry the
+time the message was received; a human open comes seconds to minutes later and a click
+after it, so times to open are realistic (and an open never shares a natural key with
+the machine open of the same message). Machine opens and those delays are drawn from a
+second RNG, so the outcomes of a seeded sink stay the ones they were without them.
 
 A background task on the server's loop batches the events and POSTs each batch as a
 JSON array to ``webhook_url``, signed with ECDSA P-256 like SendGrid (headers
@@ -70,6 +80,11 @@ _LINK = re.compile(r"""https://[^\s"'<>]+""")
 _USER_AGENT = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko)"
 _BOUNCE_REASON = "550 5.1.1 The email account that you tried to reach does not exist."
 _BLOCKED_REASON = "550 5.7.1 Message rejected due to local policy (blocked by the receiver)."
+#: What SendGrid reports for an open fetched by Apple's privacy proxy.
+_PROXY_USER_AGENT = "Mozilla/5.0"
+#: Mean delay of a human open after delivery, and of a click after the open (seconds).
+_OPEN_DELAY_S = 600.0
+_CLICK_DELAY_S = 90.0
 
 
 def load_private_key(pem: str) -> ec.EllipticCurvePrivateKey:
@@ -113,6 +128,7 @@ _FIXED_OUTCOMES = (
     ("spam", ("delivered", "spamreport")),
     ("unsub", ("delivered", "open", "unsubscribe")),
     ("open", ("delivered", "open", "click")),
+    ("mpp", ("delivered", "machine_open")),
 )
 
 
@@ -124,7 +140,9 @@ def fixed_outcome(local: str) -> tuple[str, ...] | None:
     return None
 
 
-def _outcome(local: str, config: SinkConfig, rng: random.Random) -> list[str]:
+def _outcome(
+    local: str, config: SinkConfig, rng: random.Random, timing: random.Random
+) -> list[str]:
     """Event names after ``processed`` for one recipient, in order."""
     fixed = fixed_outcome(local)
     if fixed is not None:
@@ -132,6 +150,8 @@ def _outcome(local: str, config: SinkConfig, rng: random.Random) -> list[str]:
     if rng.random() < config.bounce_rate:
         return ["bounce"]
     names = ["delivered"]
+    if timing.random() < config.machine_open_rate:
+        names.append("machine_open")
     if rng.random() < config.open_rate:
         names.append("open")
         if rng.random() < config.click_rate:
@@ -156,11 +176,14 @@ def events_for(
     config: SinkConfig,
     rng: random.Random,
     on_outcome: OutcomeHook | None = None,
+    timing: random.Random | None = None,
 ) -> list[dict[str, Any]]:
     """The events SendGrid would report for every recipient of ``record``.
 
     ``on_outcome`` hears every event name decided for a recipient (the sink's
-    suppression lists are fed this way)."""
+    suppression lists are fed this way). ``timing`` draws machine opens and the delays
+    of human opens and clicks (default: ``rng``)."""
+    timing = rng if timing is None else timing
     payload = record.payload
     click_url: str | None = None
     ts = int(record.received_ts)
@@ -179,10 +202,12 @@ def events_for(
             "sg_message_id": sg_message_id,
             "category": list(recipient.categories),
         }
-        names = ["processed", *_outcome(recipient.email.partition("@")[0].lower(), config, rng)]
+        local = recipient.email.partition("@")[0].lower()
+        names = ["processed", *_outcome(local, config, rng, timing)]
+        opened_at = ts + 1 + int(timing.expovariate(1 / _OPEN_DELAY_S))
         for name in names:
             if on_outcome is not None:
-                on_outcome(recipient.email, name, ts)
+                on_outcome(recipient.email, "open" if name == "machine_open" else name, ts)
             event = {**base, "event": name, "sg_event_id": _event_id()}
             if name == "blocked":
                 event.update(event="bounce", type="blocked", status="5.7.1", reason=_BLOCKED_REASON)
@@ -199,14 +224,26 @@ def events_for(
                 event.update(response="421 4.7.0 Try again later", attempt="1")
             elif name == "delivered":
                 event.update(response="250 2.0.0 OK", tls=1)
+            elif name == "machine_open":
+                event.update(
+                    event="open",
+                    sg_machine_open=True,
+                    useragent=_PROXY_USER_AGENT,
+                    ip=f"17.58.{timing.randrange(1, 255)}.{timing.randrange(1, 255)}",
+                )
             elif name in ("open", "click"):
                 event.update(useragent=_USER_AGENT, ip=f"203.0.113.{rng.randrange(1, 255)}")
                 if name == "open":
-                    event["sg_machine_open"] = False
+                    event.update(sg_machine_open=False, timestamp=opened_at)
                 else:
                     if click_url is None:
                         click_url = _click_url(payload)
-                    event.update(url=click_url, url_offset={"index": 0, "type": "html"})
+                    clicked_at = opened_at + 1 + int(timing.expovariate(1 / _CLICK_DELAY_S))
+                    event.update(
+                        url=click_url,
+                        url_offset={"index": 0, "type": "html"},
+                        timestamp=clicked_at,
+                    )
             out.append(event)
     return out
 
@@ -231,6 +268,8 @@ class EventEmitter:
         #: The verification key a webhook needs (base64 DER, as SendGrid shows it).
         self.public_key_b64 = _public_b64(self._key)
         self._rng = random.Random(config.events_seed)
+        seed = config.events_seed
+        self._timing = random.Random(None if seed is None else f"timing:{seed}")
         self._pending: deque[dict[str, Any]] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -245,7 +284,7 @@ class EventEmitter:
 
     def on_accept(self, record: MessageRecord) -> None:
         """Queue the events of one accepted message (runs on the loop; never waits)."""
-        events = events_for(record, self.config, self._rng, self.on_outcome)
+        events = events_for(record, self.config, self._rng, self.on_outcome, self._timing)
         self.generated += len(events)
         was_empty = not self._pending
         self._pending.extend(events)

@@ -212,6 +212,9 @@ events = Table(
     Column("url", Text, nullable=True),
     Column("reason", Text, nullable=True),
     Column("bounce_type", String(32), nullable=True),
+    # An open SendGrid flags ``sg_machine_open`` (Apple Mail Privacy Protection and the
+    # like fetch the pixel on delivery, whether or not anyone reads): migration 0013.
+    Column("machine_open", Boolean, nullable=False, server_default=false()),
     Column("raw", JSON, nullable=False),
     Column("received_at", DateTime, nullable=False, index=True),
 )
@@ -255,8 +258,8 @@ message_facts = Table(
     Column("blocked", Boolean, nullable=False),
     Column("dropped", Boolean, nullable=False),
     Column("deferred", Boolean, nullable=False),
-    Column("opens", Integer, nullable=False),
-    Column("first_open_at", DateTime, nullable=True),
+    Column("opens", Integer, nullable=False),  # human opens (not ``machine_open``)
+    Column("first_open_at", DateTime, nullable=True),  # first human open
     Column("clicks", Integer, nullable=False),
     Column("first_click_at", DateTime, nullable=True),
     Column("unsubscribed", Boolean, nullable=False),
@@ -265,9 +268,11 @@ message_facts = Table(
     Column("first_order_id", Id, nullable=True),
     Column("revenue", Numeric(12, 2), nullable=False),
     Column("updated_at", DateTime, nullable=False),
+    Column("machine_opens", Integer, nullable=False, server_default="0"),  # migration 0013
 )
 
-#: One row per (trigger, variant, send day): the message facts added up.
+#: One row per (trigger, variant, send day): the message facts added up (metrics contract
+#: v2, docs/metrics.md; rebuilt with this shape by migration 0013).
 metrics_daily = Table(
     "mf_metrics_daily",
     metadata,
@@ -284,12 +289,18 @@ metrics_daily = Table(
     Column("unique_clicks", Integer, nullable=False),
     Column("opens", Integer, nullable=False),
     Column("clicks", Integer, nullable=False),
+    Column("unique_machine_opens", Integer, nullable=False),
+    Column("machine_opens", Integer, nullable=False),
     Column("unsubscribes", Integer, nullable=False),
     Column("spam_reports", Integer, nullable=False),
-    Column("conversions", Integer, nullable=False),
+    Column("conversions_last_touch", Integer, nullable=False),
     Column("orders", Integer, nullable=False),
     Column("revenue", Numeric(14, 2), nullable=False),
     Column("updated_at", DateTime, nullable=False),
+    Column("median_seconds_to_open", Float, nullable=True),
+    Column("p90_seconds_to_open", Float, nullable=True),
+    Column("median_seconds_to_click", Float, nullable=True),
+    Column("p90_seconds_to_click", Float, nullable=True),
 )
 
 #: Where each incremental job got to (one row per job name).
@@ -398,7 +409,8 @@ campaign_assignments = Table(
 
 #: One row per (campaign, arm, metric): the experiment's results, rebuilt on demand.
 #: ``arm`` is a variant, ``holdout``, or ``all_variants`` (the campaign as a whole);
-#: ``metric`` is ``sent``, ``open``, ``click`` or ``conversion``. Rates are
+#: ``metric`` is ``sent``, ``delivered``, ``open``, ``click``, ``click_to_open`` or
+#: ``itt_conversion`` (docs/metrics.md; ``conversion`` before migration 0013). Rates are
 #: numerator / denominator with a 95 % Wilson interval; the differences are against the
 #: control arm (the first variant) and the holdout, with two-proportion z-test p-values.
 campaign_results = Table(
@@ -419,5 +431,26 @@ campaign_results = Table(
     Column("p_value_vs_control", Float, nullable=True),
     Column("lift_vs_holdout", Float, nullable=True),
     Column("p_value_vs_holdout", Float, nullable=True),
+    Column("computed_at", DateTime, nullable=False),
+    # Migration 0013: "not significant", "higher" or "lower" (two-sided, p < 0.05).
+    Column("verdict_vs_control", String(16), nullable=True),
+    Column("verdict_vs_holdout", String(16), nullable=True),
+)
+
+#: One row per (campaign, arm incl. ``holdout``): the configured split beside the observed
+#: one and the campaign's sample-ratio-mismatch check (chi-square goodness of fit of the
+#: assigned counts against the configured shares; ``srm`` when p < 0.001). Migration 0013.
+campaign_split = Table(
+    "mf_campaign_split",
+    metadata,
+    Column("campaign", String(48), primary_key=True),
+    Column("arm", String(32), primary_key=True),
+    Column("configured_share", Float, nullable=False),
+    Column("assigned", Integer, nullable=False),
+    Column("expected", Float, nullable=False),
+    Column("observed_share", Float, nullable=True),
+    Column("srm_chi2", Float, nullable=True),
+    Column("srm_p_value", Float, nullable=True),
+    Column("srm", Boolean, nullable=False),
     Column("computed_at", DateTime, nullable=False),
 )

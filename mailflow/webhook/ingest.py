@@ -89,6 +89,14 @@ def _occurred_at(ts: int | None, fallback: datetime) -> datetime:
         return fallback
 
 
+def machine_open(raw: Mapping[str, Any]) -> bool:
+    """SendGrid's ``sg_machine_open`` flag of an open (JSON true; "true"/"1" tolerated)."""
+    flag = raw.get("sg_machine_open")
+    if isinstance(flag, bool):
+        return flag
+    return isinstance(flag, (str, int)) and str(flag).strip().lower() in ("true", "1")
+
+
 def _ledger_id(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -124,6 +132,7 @@ def normalise(raw: Mapping[str, Any], received_at: datetime) -> dict[str, Any]:
         "url": _text(raw.get("url"), 100_000) if event == "click" else None,
         "reason": _text(raw.get("reason"), 100_000),
         "bounce_type": _text(raw.get("type"), 32) if event == "bounce" else None,
+        "machine_open": event == "open" and machine_open(raw),
         "raw": dict(raw),
         "received_at": received_at,
     }

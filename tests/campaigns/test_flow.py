@@ -23,6 +23,7 @@ from mailflow.warehouse.schema import (
     campaign_approvals,
     campaign_assignments,
     campaign_results,
+    campaign_split,
     send_ledger,
 )
 from tests.campaigns.approval import resume_when_paused
@@ -128,6 +129,15 @@ def test_approved_campaign_sends_once_and_holdout_gets_nothing(env, sink) -> Non
     out = CliRunner().invoke(cli.app, ["report", "--campaign", c.name])
     assert out.exit_code == 0, out.output
     assert all(arm in out.output for arm in ("control", "urgency", "holdout")), out.output
+    assert "split as configured" in out.output or "MISMATCH" in out.output
+    with get_engine().connect() as conn:
+        split = {r.arm: r for r in conn.execute(select(campaign_split))}
+    assert set(split) == {"control", "urgency", "holdout"}
+    assert split["holdout"].configured_share == pytest.approx(0.2)
+    assert (
+        sum(r.assigned for r in split.values())
+        == sum(1 for r in ledger_rows(c.trigger)) + split["holdout"].assigned
+    )
     missing = CliRunner().invoke(cli.app, ["report", "--campaign", "no_such_campaign"])
     assert missing.exit_code == 2 and "no_such_campaign" in missing.output
 

@@ -134,9 +134,16 @@ class World:
                 continue
             if rng.random() < 0.1:
                 batch.append(self._event(lid, "deferred", at, response="try later"))
-            batch.append(self._event(lid, "delivered", at + timedelta(seconds=30)))
+            if rng.random() < 0.95:  # else lost: an open or a click proves delivery
+                batch.append(self._event(lid, "delivered", at + timedelta(seconds=30)))
+            if rng.random() < 0.3:  # Apple Mail Privacy Protection fetches the pixel
+                batch.append(
+                    self._event(lid, "open", at + timedelta(seconds=31), sg_machine_open=True)
+                )
             for k in range(rng.choice([0, 0, 1, 2, 3])):
-                batch.append(self._event(lid, "open", at + timedelta(minutes=10 + k)))
+                batch.append(
+                    self._event(lid, "open", at + timedelta(minutes=10 + k), sg_machine_open=False)
+                )
             for k in range(rng.choice([0, 0, 0, 1, 2])):
                 batch.append(
                     self._event(lid, "click", at + timedelta(minutes=20 + k), url="https://x/y")
@@ -167,7 +174,7 @@ class World:
         rows = []
         for cid in customer_ids:
             at = around + timedelta(hours=self.rng.uniform(-spread_h, spread_h), seconds=cid)
-            status = self.rng.choice(["placed", "shipped", "delivered", "cancelled"])
+            status = self.rng.choice(["placed", "shipped", "delivered", "cancelled", "refunded"])
             rows.append(
                 {
                     "id": self.next_order,
@@ -198,12 +205,15 @@ class World:
         facts: dict[int, dict[str, Any]] = {}
         for lid, msg in self.messages.items():
             evs = per[lid]
-            names = [e["event"] for e in evs]
+            machine = [e for e in evs if e["event"] == "open" and e.get("sg_machine_open")]
+            names = [e["event"] for e in evs if e not in machine]
             facts[lid] = {
                 "trigger": msg["trigger"],
                 "variant": msg["variant"] or DEFAULT_VARIANT,
                 "day": msg["sent_at"].date(),
-                "delivered": "delivered" in names,
+                # Engagement proves delivery when the delivered event is missing.
+                "delivered": bool({"delivered", "open", "click"} & {e["event"] for e in evs}),
+                "machine_opens": len(machine),
                 "bounced": any(e["event"] == "bounce" and e["type"] == "bounce" for e in evs),
                 "blocked": any(e["event"] == "bounce" and e["type"] == "blocked" for e in evs),
                 "dropped": "dropped" in names,
@@ -216,7 +226,7 @@ class World:
                 "revenue": Decimal("0"),
             }
         for order in self.orders:
-            if order["status"] == "cancelled":
+            if order["status"] in ("cancelled", "refunded"):
                 continue
             before = [
                 m
@@ -239,13 +249,16 @@ class World:
             d["delivered"] += f["delivered"]
             for c in ("bounced", "blocked", "dropped", "deferred"):
                 d[c] += f[c]
-            d["unique_opens"] += f["opens"] > 0
+            # A click implies a human open.
+            d["unique_opens"] += f["opens"] > 0 or f["clicks"] > 0
             d["unique_clicks"] += f["clicks"] > 0
             d["opens"] += f["opens"]
             d["clicks"] += f["clicks"]
+            d["unique_machine_opens"] += f["machine_opens"] > 0
+            d["machine_opens"] += f["machine_opens"]
             d["unsubscribes"] += f["unsubscribed"]
             d["spam_reports"] += f["spam_reported"]
-            d["conversions"] += f["orders"] > 0
+            d["conversions_last_touch"] += f["orders"] > 0
             d["orders"] += f["orders"]
             d["revenue"] += f["revenue"]
         return daily
@@ -292,8 +305,9 @@ def test_rollup_equals_recomputation_from_raw_rows(engine: Engine) -> None:
     assert set(stored) == set(facts)
     for lid, fact in facts.items():
         row = stored[lid]
-        assert (row.opens, row.clicks, row.orders) == (
+        assert (row.opens, row.machine_opens, row.clicks, row.orders) == (
             fact["opens"],
+            fact["machine_opens"],
             fact["clicks"],
             fact["orders"],
         )
@@ -359,7 +373,7 @@ def test_views_give_rates_that_add_up(engine: Engine) -> None:
         totals = conn.execute(
             text(
                 "SELECT trigger, variant, sent, delivered, unique_opens, unique_clicks, "
-                "delivery_rate, open_rate, click_to_open_rate, conversion_rate "
+                "delivery_rate, open_rate, click_to_open_rate, conversion_rate_last_touch "
                 "FROM mf_engagement_totals ORDER BY trigger, variant"
             )
         ).all()
@@ -369,7 +383,8 @@ def test_views_give_rates_that_add_up(engine: Engine) -> None:
         assert r.delivery_rate == pytest.approx(r.delivered / r.sent)
         assert r.open_rate == pytest.approx(r.unique_opens / r.delivered)
         assert r.click_to_open_rate == pytest.approx(r.unique_clicks / r.unique_opens)
-        assert 0 <= r.conversion_rate <= 1
+        assert 0 <= r.conversion_rate_last_touch <= 1
+        assert r.unique_clicks <= r.unique_opens <= r.delivered
 
 
 def test_events_for_unknown_or_unsent_messages_are_not_counted(engine: Engine) -> None:
@@ -446,7 +461,68 @@ def test_an_order_that_moves_to_another_customer_is_credited_once(engine: Engine
     rollup(engine, overlap=timedelta(0))
     assert credited() == {to_guest: 0, to_account: 1}
     with engine.connect() as conn:
-        total = conn.execute(text("select sum(conversions) from mf_metrics_daily")).scalar_one()
+        total = conn.execute(
+            text("select sum(conversions_last_touch) from mf_metrics_daily")
+        ).scalar_one()
     assert total == 1
     rollup(engine, full=True)
     assert credited() == {to_guest: 0, to_account: 1}
+
+
+def test_times_to_open_and_click_are_exact_and_never_negative(engine: Engine) -> None:
+    import numpy as np
+
+    w = World(engine, seed=5)
+    people = w.customers(7)
+    start = utcnow().replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    sent = w.send(people, "welcome", start=start)
+    with engine.begin() as conn:  # every variant the same: one daily row
+        conn.execute(send_ledger.update().values(variant=None))
+    # sent_at has microseconds; SendGrid's times are whole seconds and may name the
+    # same second as the send (or, with clocks apart, the one before): 0, not negative.
+    offsets = {sent[0]: 0, sent[1]: -1, sent[2]: 7, sent[3]: 60, sent[4]: 3_600, sent[5]: 95}
+    batch = []
+    for lid, seconds in offsets.items():
+        msg = w.messages[lid]
+        msg["sent_at"] = msg["sent_at"].replace(microsecond=700_000)
+        at = msg["sent_at"].replace(microsecond=0) + timedelta(seconds=seconds)
+        # A machine open does not count (even the first); a click without an open does.
+        proxy = msg["sent_at"] - timedelta(seconds=3) if seconds > 0 else at + timedelta(hours=2)
+        batch.append(w._event(lid, "open", proxy, sg_machine_open=True))
+        batch.append(w._event(lid, "click" if lid == sent[5] else "open", at))
+        if lid in (sent[2], sent[3]):
+            batch.append(w._event(lid, "click", at + timedelta(seconds=30)))
+    with engine.begin() as conn:
+        for lid in offsets:
+            conn.execute(
+                send_ledger.update()
+                .where(send_ledger.c.id == lid)
+                .values(sent_at=w.messages[lid]["sent_at"])
+            )
+        store_events(conn, batch)
+    rollup(engine)
+    with engine.connect() as conn:
+        (row,) = conn.execute(select(metrics_daily)).mappings().all()
+    to_open = [max(s, 0) for s in offsets.values()]
+    to_click = [37, 90, 95]
+    assert row["unique_opens"] == 6 and row["unique_machine_opens"] == 6
+    assert row["median_seconds_to_open"] == pytest.approx(np.median(to_open), abs=1e-9)
+    assert row["p90_seconds_to_open"] == pytest.approx(np.percentile(to_open, 90), abs=1e-9)
+    assert row["median_seconds_to_click"] == pytest.approx(np.median(to_click), abs=1e-9)
+    assert row["p90_seconds_to_click"] == pytest.approx(np.percentile(to_click, 90), abs=1e-9)
+
+
+def test_an_order_by_a_customer_never_sent_anything_beside_one_who_was(engine: Engine) -> None:
+    # Found by the property test: an incremental run recomputing, in one chunk, a customer
+    # who was sent a message and a buyer who never was, crashed in the attribution.
+    w = World(engine, seed=2)
+    sent_to, buyer = w.customers(2)
+    rollup(engine)
+    w.send([sent_to], "welcome", start=utcnow() - timedelta(hours=2))
+    w.buy([buyer], around=utcnow() - timedelta(hours=1), spread_h=0)
+    w.orders[-1]["status"] = "placed"
+    with engine.begin() as conn:
+        conn.execute(orders.update().values(status="placed"))
+    result = rollup(engine, overlap=timedelta(0))
+    assert not result.full and result.customers == 2
+    assert stored_daily(engine) == w.expected_daily()

@@ -220,10 +220,43 @@ def test_outcomes_are_deterministic_and_carry_sendgrid_fields() -> None:
     assert click["url"] == DEFAULT_CLICK_URL
     for e in first:
         assert e["sg_message_id"].startswith("MSGID.")
-        assert e["timestamp"] == 1_000_000_000 and e["trigger"] == "browse"
+        human = e["event"] in ("open", "click") and not e.get("sg_machine_open")
+        # A human open comes after the delivery, a click after the open.
+        assert (e["timestamp"] > 1_000_000_000) if human else (e["timestamp"] == 1_000_000_000)
+        assert e["trigger"] == "browse"
         assert e["category"] == ["abandoned_cart"] and e["smtp-id"]
     assert len({e["sg_event_id"] for e in first}) == len(first)
     assert {e["ledger_id"] for e in first} == {"0", "1", "2", "3"}
+
+
+def test_machine_opens_are_flagged_like_apple_mail_privacy_protection() -> None:
+    config = SinkConfig.build(webhook_url="http://127.0.0.1:9/e", machine_open_rate=0.5)
+    people = ["mpp1@example.com", "open1@example.com", *(f"n{i}@x.io" for i in range(200))]
+    body = orjson.dumps(
+        {
+            **payload("x@example.com", 1),
+            "personalizations": [{"to": [{"email": e}]} for e in people],
+        }
+    )
+    record = record_from_payload(orjson.loads(body), body, message_id="M", received_ts=1e9)
+    out = events_for(record, config, random.Random(1), timing=random.Random(2))
+    opens = [e for e in out if e["event"] == "open"]
+    machine = [e for e in opens if e["sg_machine_open"] is True]
+    assert {e["email"] for e in machine} >= {"mpp1@example.com"}
+    assert not [e for e in out if e["email"] == "mpp1@example.com" and e["event"] == "click"]
+    assert 60 < len(machine) < 140  # about half of the delivered
+    assert all(e["timestamp"] == 1_000_000_000 for e in machine)
+    human = [e for e in opens if e["sg_machine_open"] is False]
+    assert human and all(e["timestamp"] > 1_000_000_000 for e in human)
+    # Without machine opens the outcome RNG gives what it gave before they existed.
+    plain = SinkConfig.build(webhook_url="http://127.0.0.1:9/e", machine_open_rate=0.0)
+    a = events_for(record, plain, random.Random(1), timing=random.Random(2))
+    b = events_for(record, config, random.Random(1), timing=random.Random(2))
+
+    def without_machine(out: list[dict[str, Any]]) -> list[str]:
+        return [e["event"] for e in out if not e.get("sg_machine_open")]
+
+    assert without_machine(a) == without_machine(b)
 
 
 @pytest.mark.parametrize(

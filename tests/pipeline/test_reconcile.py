@@ -54,7 +54,9 @@ def sink(warehouse_url: str) -> Iterator[SinkHandle]:
     Events go out every 0.5 s, after the 0.3 s client timeouts below: the webhook finds
     the rows ``unknown`` and confirms them. (Events that beat the late answer are found
     when the answer is settled; the overlap test takes that path.)"""
-    quiet = {f"{k}_rate": 0.0 for k in ("open", "click", "unsubscribe", "spam", "bounce")}
+    quiet = {
+        f"{k}_rate": 0.0 for k in ("open", "machine_open", "click", "unsubscribe", "spam", "bounce")
+    }
     # Every accepted message is processed, then delivered: no random bounce or complaint
     # (which would suppress the address and make a stale re-check skip it).
     with hooked_sink(warehouse_url, event_flush_ms=500, events_seed=1, **quiet) as handle:
