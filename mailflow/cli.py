@@ -306,7 +306,8 @@ def webhook(
     """Receive SendGrid's signed Event Webhook at POST /webhooks/sendgrid/events.
 
     The verification key comes from MAILFLOW_WEBHOOK_PUBLIC_KEY; MAILFLOW_WEBHOOK_VERIFY=false
-    turns verification off (local development only, logged loudly).
+    turns verification off (local development only, logged loudly);
+    MAILFLOW_WEBHOOK_TOLERANCE_S sets how old a signed timestamp may be (default 300 s).
     """
     import uvicorn
 
@@ -323,6 +324,7 @@ def webhook(
             engine=engine,
             public_key_b64=settings.webhook_public_key,
             verify=settings.webhook_verify,
+            tolerance_s=settings.webhook_tolerance_s,
             unsubscribe_key=settings.unsubscribe_key(),
         )
         uvicorn.run(api, host=host, port=port, log_level="info")

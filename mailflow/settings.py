@@ -73,6 +73,14 @@ class Settings(BaseSettings):
         default=True,
         description="Verify event signatures. Turning this off is for local development only.",
     )
+    webhook_tolerance_s: int = Field(
+        default=300,
+        ge=1,
+        le=10 * 365 * 86400,
+        description="How far (seconds) a signed event's timestamp may be from the clock "
+        "before the request is refused as a replay. Keep the default in production; a large "
+        "value only serves to check recorded requests (e.g. SendGrid's published test vector).",
+    )
     unsubscribe_base_url: str = Field(
         default="http://127.0.0.1:8040",
         description="Public base URL of `mailflow webhook`, where one-click unsubscribes land.",
