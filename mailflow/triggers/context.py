@@ -58,11 +58,18 @@ def shop_context(shop: ContextDefaults) -> dict[str, str]:
     }
 
 
+def first_name_or_none(value: Any) -> str | None:
+    """The first name with surrounding whitespace removed, or None when nothing is left, so
+    templates' ``{% if customer.first_name %}`` picks the greeting without a name."""
+    name = text_or_none(value)
+    return (name.strip() or None) if name is not None else None
+
+
 def customer_context(row: Any, **extra: Any) -> dict[str, Any]:
     """``customer`` in every template: id, first name (or None), email, locale, ``extra``."""
     return {
         "id": int(row.customer_id),
-        "first_name": text_or_none(row.first_name),
+        "first_name": first_name_or_none(row.first_name),
         "email": row.email,
         "locale": row.locale,
         **extra,

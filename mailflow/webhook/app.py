@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from mailflow import addresses
 from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
 from mailflow.unsubscribe import InvalidToken, read_token
@@ -236,7 +237,7 @@ def unsubscribe_routes(engine: Engine, key: SecretStr) -> list[Route]:
             conn.execute(
                 insert_ignoring_conflicts(conn, suppressions),
                 {
-                    "email": email.strip().lower(),
+                    "email": addresses.normalise(email),
                     "reason": "unsubscribe",
                     "source": f"one-click:{ledger_id}",
                     "created_at": utcnow(),
