@@ -12,13 +12,10 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Engine, select
 
-from mailflow import ledger
 from mailflow.unsubscribe import make_token
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import suppressions
-from mailflow.webhook import EVENTS_PATH, generate_keypair
-from mailflow.webhook.server import running_webhook
 from tests.hostile.conftest import Corpus
+from tests.unsubscribe_service import serving_unsubscribes
 
 KEY = SecretStr("test-only-unsubscribe-secret-0123456789")
 MESSAGES = 6  # ledger ids 1..6, addresses u1@example.com ...
@@ -139,23 +136,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str | None]] = [
 
 @pytest.fixture
 def served(warehouse_url: str) -> Iterator[tuple[httpx.Client, Engine]]:
-    engine = make_engine(warehouse_url)
-    with engine.begin() as conn:
-        ledger.plan(
-            conn,
-            "abandoned_cart",
-            [
-                ledger.PlannedMessage(f"abandoned_cart:{i}", f"u{i}@example.com", i, None, {})
-                for i in range(1, MESSAGES + 1)
-            ],
-            flow_run_id="r",
-        )
-    _, public_b64 = generate_keypair()
-    with running_webhook(engine, public_b64, unsubscribe_key=KEY) as events_url:
-        base = events_url.removesuffix(EVENTS_PATH)
-        with httpx.Client(base_url=base, trust_env=False, timeout=10) as client:
-            yield client, engine
-    engine.dispose()
+    with serving_unsubscribes(warehouse_url, KEY, messages=MESSAGES) as served:
+        yield served
 
 
 def suppressed(engine: Engine) -> set[str]:
