@@ -111,13 +111,19 @@ def _occurred_at(ts: int | None, fallback: datetime) -> datetime:
         return fallback
 
 
+#: Ledger ids are BIGINT; a larger number in an event would fail the whole batch's insert
+#: (and SendGrid would redeliver it forever), so it names no ledger row.
+_MAX_LEDGER_ID = 2**63 - 1
+
+
 def _ledger_id(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     try:
-        return int(str(value).strip())
+        found = int(str(value).strip())
     except ValueError:
         return None
+    return found if 1 <= found <= _MAX_LEDGER_ID else None
 
 
 def natural_key(sg_message_id: str | None, event: str, ts: int | None, email: str | None) -> str:

@@ -94,6 +94,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 @settings(FUZZ, max_examples=300)
 @given(batch=st.lists(PLAUSIBLE | EVENT, max_size=5))
 @example(batch=[{"email": "vic\x00tim@example.com", "event": "spamreport"}])
+@example(batch=[{"ledger_id": 2**63}, {"ledger_id": "-1"}])  # found: past BIGINT failed a batch
 def test_fuzz_webhook_ingest_suppresses_only_addresses_given_as_they_are(
     engine: Engine, batch: list[dict[str, Any]]
 ) -> None:

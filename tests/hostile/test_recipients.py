@@ -92,6 +92,14 @@ def run_pipeline(res: resources.Resources) -> None:
         asyncio.run(send_batch(res, CART, ids, flow_run_id="h1"))
 
 
+def storable(res: resources.Resources, values: list[Any]) -> list[Any]:
+    """The cases the warehouse can hold: PostgreSQL text cannot contain NUL at all, so a NUL
+    from the warehouse is a SQLite-only case."""
+    if res.engine.dialect.name != "postgresql":
+        return values
+    return [v for v in values if "\x00" not in str(v[0])]
+
+
 def quarantined_columns(res: resources.Resources) -> dict[str | None, set[str | None]]:
     with res.engine.connect() as conn:
         rows = conn.execute(select(quarantine.c.email, quarantine.c.column_name)).all()
@@ -114,12 +122,13 @@ def mailed(sink: Any) -> dict[str, dict[str, Any]]:
 @pytest.mark.category("addresses")
 def test_hostile_addresses(env: Any, sink: Any, corpus: Corpus) -> None:
     res = resources.current()
-    build_shop(res.engine, [Shopper(email=address) for address, _ in ADDRESSES])
+    cases = storable(res, ADDRESSES)
+    build_shop(res.engine, [Shopper(email=address) for address, _ in cases])
     run_pipeline(res)
     sent = mailed(sink)
     held = quarantined_columns(res)
-    expected_sent = {want for _, want in ADDRESSES if want != QUARANTINED}
-    for address, want in ADDRESSES:
+    expected_sent = {want for _, want in cases if want != QUARANTINED}
+    for address, want in cases:
         problems = []
         if want == QUARANTINED:
             if held.get(address) != {"email"}:
@@ -136,14 +145,15 @@ def test_hostile_addresses(env: Any, sink: Any, corpus: Corpus) -> None:
 @pytest.mark.category("names")
 def test_hostile_first_names(env: Any, sink: Any, corpus: Corpus) -> None:
     res = resources.current()
+    cases = storable(res, NAMES)
     shoppers = [
-        Shopper(email=f"name{i}@example.com", first_name=n) for i, (n, _, _) in enumerate(NAMES)
+        Shopper(email=f"name{i}@example.com", first_name=n) for i, (n, _, _) in enumerate(cases)
     ]
     build_shop(res.engine, shoppers)
     run_pipeline(res)
     sent = mailed(sink)
     held = quarantined_columns(res)
-    for i, (name, want, greeting) in enumerate(NAMES):
+    for i, (name, want, greeting) in enumerate(cases):
         email = f"name{i}@example.com"
         problems = []
         if want == QUARANTINED:
@@ -168,7 +178,7 @@ def test_hostile_first_names(env: Any, sink: Any, corpus: Corpus) -> None:
                 problems.append("the name reached the HTML unescaped")
         corpus.check(repr(name), problems)
     expected = {
-        f"name{i}@example.com" for i, (_, want, _) in enumerate(NAMES) if want != QUARANTINED
+        f"name{i}@example.com" for i, (_, want, _) in enumerate(cases) if want != QUARANTINED
     }
     corpus.check("(no other recipient)", [] if set(sent) == expected else [str(set(sent))])
     assert sink.stats()["rejected"] == {}, "the local API refused a message mailflow sent"

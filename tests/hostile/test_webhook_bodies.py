@@ -98,6 +98,14 @@ CASES: list[tuple[str, bytes, str, int, int, set[str]]] = [
         {"li@example.com"},
     ),
     (
+        "ledger id past BIGINT",
+        body(ev("big@example.com", n=15, ledger_id=2**63)),
+        "good",
+        200,
+        1,
+        {"big@example.com"},
+    ),
+    (
         "blocked is not a bounce",
         body(ev("bl@example.com", n=11, type="blocked")),
         "good",
