@@ -214,9 +214,10 @@ class _MailEnvironment(ImmutableSandboxedEnvironment):
 
 
 def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
-    """Jinja's ``format`` filter with :func:`_check_format_widths` first."""
+    """Jinja's ``format`` filter with :func:`_check_format_widths` first (the result stays
+    ``Markup`` when the value is, as with Jinja's own)."""
     _check_format_widths(str(value))
-    return str(do_format(value, *args, **kwargs))
+    return do_format(value, *args, **kwargs)
 
 
 def _autoescape(name: str | None) -> bool:

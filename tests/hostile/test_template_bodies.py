@@ -43,6 +43,12 @@ CASES: list[tuple[str, str, str, str]] = [
     ("subject over 998", "subject.txt", "{{ 'x' * 999 }}", "over the 998"),
     ("empty subject", "subject.txt", "{{ '' }}", "subject is empty"),
     ("subject line break", "subject.txt", "Hi\r\nBcc: victim@example.com {{ '\x00' }}", RENDERED),
+    (
+        "format on markup",
+        "body.html",
+        "{{ '<b>%s</b>'|safe|format(customer.first_name) }}",
+        RENDERED,
+    ),
     ("small arithmetic", "body.txt", "{{ 'ab' * 3 }} {{ 2 ** 10 }} {{ '%5d' % 3 }}", RENDERED),
 ]
 
@@ -77,6 +83,8 @@ def test_hostile_template_bodies(tmp_path: Path, corpus: Corpus) -> None:
                 problems.append(f"subject not one line: {message.subject!r}")
             elif "<script>alert" in message.html:
                 problems.append("the name reached the HTML unescaped")
+            elif "&amp;lt;" in message.html or "&lt;b&gt;" in message.html:
+                problems.append("escaped twice")
         took = time.monotonic() - started
         if took > 2:
             problems.append(f"took {took:.1f} s")
