@@ -146,7 +146,9 @@ def suppressed(engine: Engine) -> set[str]:
 
 
 @pytest.mark.category("unsubscribe requests")
-def test_hostile_unsubscribe_requests(served: Any, corpus: Corpus) -> None:
+def test_hostile_unsubscribe_requests(
+    served: Any, corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
     client, engine = served
     for name, method, path, kwargs, status, address in CASES:
         before = suppressed(engine)
@@ -160,4 +162,6 @@ def test_hostile_unsubscribe_requests(served: Any, corpus: Corpus) -> None:
         if "Traceback" in response.text:
             problems.append("a traceback in the answer")
         corpus.check(name, problems)
+    logged = [r.getMessage()[:200] for r in caplog.records if r.exc_info]
+    corpus.check("(no traceback in the service's log)", logged)
     corpus.done()

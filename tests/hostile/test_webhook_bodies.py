@@ -180,7 +180,9 @@ def raw_request(url: str, head: str) -> bytes:
 
 
 @pytest.mark.category("webhook bodies")
-def test_hostile_webhook_bodies(engine: Engine, corpus: Corpus) -> None:
+def test_hostile_webhook_bodies(
+    engine: Engine, corpus: Corpus, caplog: pytest.LogCaptureFixture
+) -> None:
     with running_webhook(engine, PUBLIC) as url, httpx.Client(timeout=30) as client:
         for name, raw, signing, status, stored, suppressed in CASES:
             before_stored, before_suppressed = counts(engine)
@@ -199,4 +201,9 @@ def test_hostile_webhook_bodies(engine: Engine, corpus: Corpus) -> None:
             "malformed Content-Length",
             [] if answer.startswith(b"HTTP/1.1 400") else [answer[:80].decode()],
         )
+    # The service's log is seen here (its refusals are logged as warnings) ...
+    assert any("rejected webhook request" in r.getMessage() for r in caplog.records)
+    # ... and holds no traceback.
+    logged = [r.getMessage()[:200] for r in caplog.records if r.exc_info]
+    corpus.check("(no traceback in the service's log)", logged)
     corpus.done()
