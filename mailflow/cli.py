@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mailflow import entrypoints
@@ -32,8 +33,12 @@ WarehouseOpt = Annotated[
 ]
 
 
+_in_use: dict[str, str] = {}  # the warehouse URL this command works on, for main()'s errors
+
+
 def _url(warehouse: str | None) -> str:
-    return warehouse or get_settings().warehouse_url
+    _in_use["url"] = warehouse or get_settings().warehouse_url
+    return _in_use["url"]
 
 
 def _mount_subcommands() -> None:
@@ -314,7 +319,8 @@ def webhook(
     """Receive SendGrid's signed Event Webhook at POST /webhooks/sendgrid/events.
 
     The verification key comes from MAILFLOW_WEBHOOK_PUBLIC_KEY; MAILFLOW_WEBHOOK_VERIFY=false
-    turns verification off (local development only, logged loudly).
+    turns verification off (local development only, logged loudly);
+    MAILFLOW_WEBHOOK_TOLERANCE_S sets how old a signed timestamp may be (default 300 s).
     """
     import uvicorn
 
@@ -331,6 +337,7 @@ def webhook(
             engine=engine,
             public_key_b64=settings.webhook_public_key,
             verify=settings.webhook_verify,
+            tolerance_s=settings.webhook_tolerance_s,
             unsubscribe_key=settings.unsubscribe_key(),
         )
         uvicorn.run(api, host=host, port=port, log_level="info")
@@ -565,13 +572,22 @@ def _experiment_report(engine: Any, campaign: str) -> None:
 
 
 def main() -> None:
-    """Entry point: a MailflowError is printed as its message (it names the fix)."""
+    """Entry point: a MailflowError is printed as its message (it names the fix), and so is
+    a warehouse that cannot be used (unreachable, not migrated), naming the setting."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from mailflow.errors import MailflowError
+    from mailflow.warehouse.engine import unreachable
 
     try:
-        app()
+        try:
+            app()
+        except SQLAlchemyError as exc:
+            url = _in_use.get("url") or get_settings().warehouse_url
+            raise unreachable(url, exc) from None
     except MailflowError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        # escape: a message may quote "[...]" (SQL, YAML) that is not rich markup.
+        console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         raise SystemExit(1) from None
 
 

@@ -44,11 +44,11 @@ import httpx
 from sqlalchemy import Connection, Engine, and_, exists, not_, or_, select, update
 
 from mailflow import __version__, watermarks
+from mailflow.addresses import normalise
 from mailflow.clock import utcnow
 from mailflow.errors import FatalRunError, MailflowError, TransientError
 from mailflow.extract import MARKETING_ONLY_SUPPRESSIONS
 from mailflow.settings import Settings
-from mailflow.suppressions import normalise
 from mailflow.validation import EMAIL_REGEX
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import suppression_pushes, suppressions

@@ -67,6 +67,7 @@ from jinja2 import (
     pass_context,
 )
 from jinja2.exceptions import SecurityError
+from jinja2.filters import do_format
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -81,8 +82,12 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 _LOCALE_RE = re.compile(r"[a-z]{2,3}(?:_[a-z0-9]{2,8})*\Z")
 _VARIANT_FILE_RE = re.compile(r"([a-z0-9][a-z0-9_-]*)\.(subject\.txt|body\.html|body\.txt)\Z")
 _NO_ATTRIBUTE_RE = re.compile(r"'(.+)' has no attribute '(.+)'\Z")
-# Runs of whitespace (newlines included) but not the no-break spaces money uses.
-_SUBJECT_SPACE = re.compile(r"[^\S\u00a0\u2007\u202f]+")
+# Runs of whitespace (newlines included) but not the no-break spaces money uses, and
+# control characters (a NUL from customer data): a subject is one header line.
+_SUBJECT_SPACE = re.compile(r"(?:[^\S\u00a0\u2007\u202f]|[\x00-\x1f\x7f-\x9f])+")
+#: RFC 5322's line limit; SendGrid refuses a longer subject, so the message fails here,
+#: named, instead of as a 400 from the API.
+MAX_SUBJECT_CHARS = 998
 # Bounds the resolution cache: its keys include the caller's raw locale, which is
 # customer data and could take any number of values.
 _MAX_RESOLVED = 4096
@@ -121,8 +126,80 @@ class _Part:
     variant: str | None
 
 
+#: The longest string or list a template may build with ``*`` or ``%`` (a message body
+#: is far shorter; ``'a' * 10**9`` would take a gigabyte before anything could object).
+MAX_TEMPLATE_VALUE_CHARS = 100_000
+#: The largest exponent ``**`` may take (``9**9**9`` would compute for hours).
+MAX_TEMPLATE_EXPONENT = 64
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d*)(?:\.(\d+))?")
+
+
+class _TooLarge(SecurityError):
+    """A template asked for a value past the bounds above."""
+
+
+# str methods and filters whose integer arguments are a width to pad or indent to.
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_WIDTH_FILTERS = ("center", "indent")
+
+
+def _check_widths(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and value > MAX_TEMPLATE_VALUE_CHARS:
+            raise _TooLarge(f"a width over {MAX_TEMPLATE_VALUE_CHARS} is not allowed")
+
+
+def _bounded_filter(name: str, original: Any) -> Any:
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_widths(args, kwargs)
+        return original(value, *args, **kwargs)
+
+    bounded.__name__ = name
+    return bounded
+
+
+def _check_format_widths(fmt: str) -> None:
+    """Refuse a printf-style width or precision that would build a huge string."""
+    for match in _FORMAT_WIDTH.finditer(fmt):
+        for digits in match.groups():
+            if digits and int(digits) > MAX_TEMPLATE_VALUE_CHARS:
+                raise _TooLarge(f"a format width over {MAX_TEMPLATE_VALUE_CHARS} is not allowed")
+
+
 class _MailEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, with data keys winning over methods on mappings."""
+    """The sandbox, with data keys winning over methods on mappings, and bounds on the
+    operators that can exhaust memory or CPU from a short template (Jinja's sandbox
+    limits ``range`` but not these)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if (
+            operator == "**"
+            and isinstance(right, int | float)
+            and abs(right) > MAX_TEMPLATE_EXPONENT
+        ):
+            raise _TooLarge(f"an exponent over {MAX_TEMPLATE_EXPONENT} is not allowed")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, str | list | tuple)
+                    and isinstance(count, int)
+                    and len(seq) * count > MAX_TEMPLATE_VALUE_CHARS
+                ):
+                    raise _TooLarge(
+                        f"repeating a value past {MAX_TEMPLATE_VALUE_CHARS} characters or "
+                        "items is not allowed"
+                    )
+        if operator == "%" and isinstance(left, str):
+            _check_format_widths(left)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # str.center(10**9) and friends: a width argument builds the string up front.
+        if isinstance(getattr(__obj, "__self__", None), str) and __obj.__name__ in _WIDTH_METHODS:
+            _check_widths(args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # Plain Jinja tries attributes first, so `cart.items` would be the bound
@@ -134,6 +211,13 @@ class _MailEnvironment(ImmutableSandboxedEnvironment):
             except (KeyError, TypeError):
                 pass
         return super().getattr(obj, attribute)
+
+
+def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
+    """Jinja's ``format`` filter with :func:`_check_format_widths` first (the result stays
+    ``Markup`` when the value is, as with Jinja's own)."""
+    _check_format_widths(str(value))
+    return do_format(value, *args, **kwargs)
 
 
 def _autoescape(name: str | None) -> bool:
@@ -176,6 +260,9 @@ class Renderer:
             cache_size=-1,  # bounded by the number of template files
         )
         self._env.filters["money"] = _money_filter
+        self._env.filters["format"] = _format_filter
+        for name in _WIDTH_FILTERS:
+            self._env.filters[name] = _bounded_filter(name, self._env.filters[name])
         self._resolved: dict[tuple[str, str | None, str | None], tuple[_Part, _Part, _Part]] = {}
         self._folders: dict[str, dict[str, frozenset[str]]] = {}
         self._sources: dict[str, list[str]] = {}
@@ -212,6 +299,12 @@ class Renderer:
             raise TemplateError(
                 f"{self._display(subject_part.name)}: the subject is empty after rendering"
                 " — make it produce text for every row (e.g. a fallback for empty fields)"
+            )
+        if len(subject) > MAX_SUBJECT_CHARS:
+            raise TemplateError(
+                f"{self._display(subject_part.name)}: the subject is {len(subject)} characters "
+                f"after rendering, over the {MAX_SUBJECT_CHARS} allowed — shorten the template "
+                "or the fields it shows"
             )
         return RenderedMessage(
             subject=subject,
@@ -428,6 +521,8 @@ class Renderer:
             problem, fix = exc.message or "syntax error", _FIX_SYNTAX
         elif isinstance(exc, TemplateNotFound):
             problem, fix = f"the template {exc.name!r} does not exist", _FIX_NOT_FOUND
+        elif isinstance(exc, _TooLarge):
+            problem, fix = _clip(str(exc)), "keep computed values small (README, input limits)"
         elif isinstance(exc, SecurityError):
             problem, fix = _clip(str(exc)), _FIX_SECURITY
         elif isinstance(exc, UndefinedError):

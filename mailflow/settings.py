@@ -6,13 +6,16 @@ placeholder secret fails fast with a message that names the variable to set.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from mailflow.addresses import email_problem, is_address
 from mailflow.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +29,7 @@ DEMO_API_KEY = "SG.local-demo-key"
 #: Signs unsubscribe links in demo mode only; production requires its own secret.
 DEMO_UNSUBSCRIBE_SECRET = "local-demo-unsubscribe-secret"
 
+_UNSAFE_IN_URL = re.compile(r"[\x00-\x20\x7f-\x9f]")
 _PLACEHOLDERS = {"", "changeme", "change-me", "your-api-key", "SG.xxx", "xxx"}
 
 
@@ -72,6 +76,14 @@ class Settings(BaseSettings):
     webhook_verify: bool = Field(
         default=True,
         description="Verify event signatures. Turning this off is for local development only.",
+    )
+    webhook_tolerance_s: int = Field(
+        default=300,
+        ge=1,
+        le=10 * 365 * 86400,
+        description="How far (seconds) a signed event's timestamp may be from the clock "
+        "before the request is refused as a replay. Keep the default in production; a large "
+        "value only serves to check recorded requests (e.g. SendGrid's published test vector).",
     )
     unsubscribe_base_url: str = Field(
         default="http://127.0.0.1:8040",
@@ -180,10 +192,27 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, description="Batches in flight per local Dask worker process."
     )
 
-    @field_validator("sendgrid_host")
+    @field_validator("sendgrid_host", "public_base_url", "unsubscribe_base_url")
     @classmethod
-    def _strip_slash(cls, v: str) -> str:
-        return v.rstrip("/")
+    def _base_url(cls, v: str) -> str:
+        # These end up in requests and in message headers (List-Unsubscribe): a control
+        # character or space there would be a header injection, not a URL.
+        parts = urlsplit(v.strip())
+        if _UNSAFE_IN_URL.search(v.strip()) or parts.scheme not in ("http", "https"):
+            raise ValueError(
+                "must be an http:// or https:// URL without spaces or control "
+                "characters, e.g. https://mail.example.com"
+            )
+        if not parts.hostname:
+            raise ValueError("the URL has no host name; e.g. https://mail.example.com")
+        return v.strip().rstrip("/")
+
+    @field_validator("from_email", "support_email")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not is_address(v.strip()):
+            raise ValueError(f"not a well-formed address ({email_problem(v.strip())})")
+        return v.strip()
 
     def api_key(self) -> SecretStr:
         """The SendGrid API key: env var, then Prefect Secret block, then the demo key.
@@ -243,7 +272,39 @@ class Settings(BaseSettings):
         )
 
 
+def settings_error(exc: ValidationError) -> ConfigError:
+    """A pydantic error about the environment as one line per variable: its name, the
+    value (never a secret's), the problem and the fix."""
+    secret = {
+        name
+        for name, info in Settings.model_fields.items()
+        if info.annotation in (SecretStr, SecretStr | None)
+    }
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        variable = f"MAILFLOW_{name.upper()}"
+        problem = err["msg"].removeprefix("Value error, ")
+        shown = "" if name in secret else f"={str(err.get('input'))[:80]!r}"
+        lines.append(f"{variable}{shown}: {problem}; fix the variable or unset it")
+    return ConfigError("invalid setting: " + "\n".join(lines))
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read once)."""
-    return Settings()
+    """The process-wide settings (read once).
+
+    Raises:
+        ConfigError: a ``MAILFLOW_*`` variable holds a value its setting refuses.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise settings_error(exc) from None
+    except SettingsError as exc:  # a list or dict setting that is not JSON
+        found = re.search(r'field "(\w+)"', str(exc))
+        variable = f"MAILFLOW_{found.group(1).upper()}" if found else "a MAILFLOW_ variable"
+        raise ConfigError(
+            f"invalid setting: {variable} is not valid JSON (e.g. [2, 10, 30]); fix the "
+            "variable or unset it"
+        ) from None

@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
+from mailflow.addresses import EMAIL_REGEX, email_problem, normalise
 from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.validation import EMAIL_REGEX, email_problem
 from mailflow.warehouse.dialect import insert_ignoring_conflicts
 from mailflow.warehouse.schema import suppressions
 
@@ -36,10 +36,6 @@ class Outcome:
     added: int = 0
     already: int = 0
     invalid: list[tuple[str, str, str]] = field(default_factory=list)
-
-
-def normalise(email: str) -> str:
-    return email.strip().lower()
 
 
 def _reason(value: str) -> str:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from mailflow.addresses import EMAIL_REGEX, email_problem
 from mailflow.errors import ConfigError, DataQualityError
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMAIL_REGEX",
+    "MAX_FIRST_NAME_CHARS",
     "email_problem",
     "QUARANTINE_TABLE",
     "SUPPORTED_LOCALES",
@@ -62,23 +64,11 @@ logger = logging.getLogger(__name__)
 #: Locales we have templates for; a row with any other locale is quarantined by ``in_set``.
 SUPPORTED_LOCALES: tuple[str, ...] = ("en", "de", "fr", "es")
 
+#: A longer first name is quarantined (a data error, not a name); blank ones are fine.
+MAX_FIRST_NAME_CHARS = 100
+
 #: Where bad rows end up; named in the gate's error so on-call knows where to look.
 QUARANTINE_TABLE = "mf_quarantine"
-
-#: A pragmatic, not RFC 5322-complete, address check: what a mail provider will accept and a
-#: human meant. ASCII only: IDN domains must arrive as punycode, and we do not count on the
-#: provider accepting non-ASCII (SMTPUTF8) local parts. Rejects spaces, a missing or second
-#: ``@``, two dots in a row, a dot at either end of the local part, a domain label starting or
-#: ending with ``-``, and a TLD that is not 2+ letters (or an ``xn--`` punycode TLD). ``\Z``
-#: rather than ``$``: GX matches with ``re.search`` and ``$`` would accept a trailing newline.
-EMAIL_REGEX = (
-    r"^(?=.{3,254}\Z)"  # whole address: 3 to 254 characters (RFC 5321 path limit), one line
-    r"(?!\.)(?!.*\.\.)"  # no leading dot; no two dots in a row anywhere
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}(?<!\.)"  # local part (atext and dots), no end dot
-    r"@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"  # domain labels, each then a dot
-    r"(?:[A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})\Z"  # TLD: 2+ letters, or punycode
-)
 
 RuleKind = Literal["not_null", "email", "unique", "length_between", "in_set", "greater_than"]
 Normalise = Literal["lower", "strip"]
@@ -250,7 +240,9 @@ def recipient_suite(
     """The standard checks for a row that becomes one email, plus a trigger's ``extra`` rules.
 
     Present email, well-formed, one message per address (case-insensitive, first row wins),
-    a first name of 1-100 characters when given, and a locale we have templates for.
+    a first name of at most 100 characters, and a locale we have templates for. An empty
+    first name is not an error: every template has a greeting without a name, and the
+    render context turns a blank name into None (``customer_context``).
     """
     rules: list[Rule] = [
         Rule.not_null(email_column),
@@ -258,7 +250,7 @@ def recipient_suite(
         Rule.unique(email_column, normalise="lower"),
     ]
     if first_name_column is not None:
-        rules.append(Rule.length_between(first_name_column, 1, 100, allow_null=True))
+        rules.append(Rule.length_between(first_name_column, None, MAX_FIRST_NAME_CHARS))
     if locale_column is not None:
         rules.append(Rule.in_set(locale_column, SUPPORTED_LOCALES))
     rules.extend(extra)
@@ -747,35 +739,6 @@ def _reason(rule: Rule, value: object) -> str:
             f"warehouse, or exclude such rows in the trigger query"
         )
     raise ConfigError(f"rule {rule.name!r}: unknown kind {rule.kind!r}")
-
-
-def email_problem(value: object) -> str:
-    """The first thing wrong with an address that failed :data:`EMAIL_REGEX`, in plain words."""
-    if not isinstance(value, str):
-        return f"it is a {type(value).__name__}, not text"
-    if value != value.strip():
-        return "leading or trailing whitespace"
-    if any(ch.isspace() for ch in value):
-        return "contains whitespace"
-    if value.count("@") != 1:
-        return "no '@'" if "@" not in value else "more than one '@'"
-    local, domain = value.split("@")
-    if not local:
-        return "nothing before the '@'"
-    if ".." in value:
-        return "two dots in a row"
-    if local.startswith(".") or local.endswith("."):
-        return "the part before the '@' starts or ends with a dot"
-    if len(value) > 254 or len(local) > 64:
-        return "too long"
-    if "." not in domain:
-        return f"domain {domain!r} has no top-level domain"
-    if not value.isascii():
-        return "non-ASCII characters"
-    tld = domain.rsplit(".", 1)[1]
-    if not (len(tld) >= 2 and tld.isalpha()) and not tld.lower().startswith("xn--"):
-        return f"top-level domain {tld!r} is not two or more letters"
-    return "characters not allowed in an address"
 
 
 def _example_reason(outcome: ValidationOutcome, rule_name: str) -> str:

@@ -59,6 +59,9 @@ Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _ALL_DAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 WEEKDAYS: tuple[str, ...] = _ALL_DAYS
 _SHARE_TOLERANCE = 1e-6
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: A campaign's subject lines; mailbox clients show far fewer characters anyway.
+MAX_CAMPAIGN_SUBJECT_CHARS = 200
 
 
 class CampaignError(ConfigError):
@@ -123,8 +126,15 @@ class Variant(BaseModel):
             clean = " ".join(text.split())
             if not clean:
                 raise ValueError(f"the subject for {locale!r} is empty; write one")
-            if len(clean) > 200:
-                raise ValueError(f"the subject for {locale!r} is over 200 characters; shorten it")
+            if _CONTROL_RE.search(clean):
+                raise ValueError(
+                    f"the subject for {locale!r} holds a control character (e.g. NUL); remove it"
+                )
+            if len(clean) > MAX_CAMPAIGN_SUBJECT_CHARS:
+                raise ValueError(
+                    f"the subject for {locale!r} is over {MAX_CAMPAIGN_SUBJECT_CHARS} "
+                    "characters; shorten it"
+                )
             out[key] = clean
         return out
 
@@ -274,7 +284,17 @@ def load_campaign(path: str | Path) -> Campaign:
         raise CampaignError(
             f"{file}: {size} bytes, over the {MAX_CAMPAIGN_BYTES} a campaign file may have"
         )
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CampaignError(
+            f"{file}: not UTF-8 text (byte {exc.start}); save the campaign file as UTF-8"
+        ) from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise CampaignError(
+            f"{file}: cannot be read ({exc.strerror or type(exc).__name__}); give the path "
+            "of a campaign YAML file"
+        ) from None
     try:
         data = yaml.load(text, Loader=_CampaignLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:

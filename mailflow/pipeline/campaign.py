@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mailflow import ledger
+from mailflow import addresses, ledger
 from mailflow.campaigns.assign import HOLDOUT, assign
 from mailflow.campaigns.model import Campaign
 from mailflow.campaigns.preview import Preview, Sample
@@ -129,7 +129,7 @@ def render_samples(
         claimed = ledger.ClaimedMessage(
             id=0,  # not in the ledger: the preview's unsubscribe link points nowhere real
             dedupe_key=str(row["dedupe_key"]),
-            email=str(row["email"]).strip().lower(),
+            email=addresses.normalise(str(row["email"])),
             customer_id=int(row["customer_id"]),
             variant=str(row["arm"]),
             context=ctx,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from mailflow import ledger
+from mailflow import addresses, ledger
 from mailflow.clock import utcnow
 from mailflow.pipeline.reconcile import Reconciled, recheck, resolve
 from mailflow.pipeline.resources import Resources
@@ -47,8 +47,8 @@ def planned_message(
     """The ledger row for one extracted row and its render context."""
     return ledger.PlannedMessage(
         dedupe_key=str(row["dedupe_key"]),
-        # Stored normalised: the exclusions compare addresses case-insensitively.
-        email=str(row["email"]).strip().lower(),
+        # Stored, matched and delivered in one form (mailflow/addresses.py says why).
+        email=addresses.normalise(str(row["email"])),
         customer_id=int(row["customer_id"]),
         variant=trigger.variant(row, params),
         context=context,

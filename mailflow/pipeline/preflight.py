@@ -15,7 +15,7 @@ from mailflow.errors import ConfigError
 from mailflow.guardrail import Deliverability, check, measure
 from mailflow.pipeline.resources import Resources
 from mailflow.triggers.base import Trigger
-from mailflow.warehouse.engine import SETTING, safe_url
+from mailflow.warehouse.engine import SETTING, safe_url, unreachable
 from mailflow.warehouse.schema import send_ledger
 
 
@@ -31,11 +31,7 @@ def check_warehouse(res: Resources) -> None:
         with res.engine.connect() as conn:
             migrated = inspect(conn).has_table(send_ledger.name)
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"the warehouse at {safe_url(url)} ({SETTING}) cannot be reached: {reason}. "
-            "Check that the server runs and the URL, user and password are right."
-        ) from None
+        raise unreachable(url, exc) from None
     if not migrated:
         raise ConfigError(
             f"the warehouse at {safe_url(url)} ({SETTING}) has no mailflow tables: run "

@@ -7,7 +7,12 @@ Two layers, both reported in SendGrid's error shape (``message``, ``field``, ``h
    compiled once with fastjsonschema (about 5 µs for a typical payload);
 2. the limits SendGrid documents but the schema cannot express (at least one
    personalization, 1000 recipients, unique addresses, the 10,000-byte
-   ``custom_args`` budget, reserved headers, content order, ``send_at`` horizon).
+   ``custom_args`` budget, reserved headers, content order, ``send_at`` horizon), and
+   what it refuses in names and header fields: an unquoted ``,``/``;`` or a line break
+   in a name, a line break or NUL in a header value or the subject, a header name that
+   is not an RFC 5322 field name, a subject over RFC 5322's 998-character line. Where
+   SendGrid's wording is not known the message is ours; the refusal is what matters,
+   so a test sees the 400 production would give.
 
 All errors are collected, not just the first, as SendGrid does.
 """
@@ -32,6 +37,7 @@ __all__ = [
     "MAX_PERSONALIZATIONS",
     "MAX_RECIPIENTS",
     "MAX_SEND_AT_AHEAD_S",
+    "MAX_SUBJECT_CHARS",
     "RESERVED_HEADERS",
     "is_valid_email",
     "mail_send_schema",
@@ -43,6 +49,10 @@ MAX_PERSONALIZATIONS = 1000
 MAX_RECIPIENTS = 1000
 MAX_CUSTOM_ARGS_BYTES = 10_000
 MAX_SEND_AT_AHEAD_S = 72 * 3600
+#: RFC 5322 2.1.1: a line is at most 998 characters; SendGrid refuses longer subjects.
+MAX_SUBJECT_CHARS = 998
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")  # RFC 5322 field-name: no ':' or space
+_LINE_BREAK_OR_NUL = re.compile(r"[\r\n\x00]")
 RESERVED_HEADERS = frozenset(
     {
         "x-sg-id",
@@ -380,15 +390,49 @@ def _check_custom_args(payload: dict[str, Any], personalizations: list[Any]) -> 
 def _check_headers(headers: object, prefix: str) -> list[dict[str, Any]]:
     if not isinstance(headers, dict):
         return []
-    return [
-        _error(
-            f"The header {name!r} is reserved and cannot be set. You may not override: "
-            f"{_RESERVED_LIST}.",
-            f"{prefix}headers.{name}",
-        )
-        for name in headers
-        if isinstance(name, str) and name.lower() in RESERVED_HEADERS
-    ]
+    errors = []
+    for name, value in headers.items():
+        field = f"{prefix}headers.{name}"
+        if not _FIELD_NAME.match(name):
+            errors.append(
+                _error(
+                    f"Invalid header name {name[:80]!r}: printable ASCII without spaces or ':'.",
+                    field,
+                )
+            )
+        elif name.lower() in RESERVED_HEADERS:
+            errors.append(
+                _error(
+                    f"The header {name!r} is reserved and cannot be set. You may not override: "
+                    f"{_RESERVED_LIST}.",
+                    field,
+                )
+            )
+        if isinstance(value, str) and _LINE_BREAK_OR_NUL.search(value):
+            errors.append(
+                _error(
+                    f"The value of header {name[:80]!r} may not contain line breaks (CR or LF) "
+                    "or NUL.",
+                    field,
+                )
+            )
+    return errors
+
+
+def _check_subject(value: object, field: str) -> list[dict[str, Any]]:
+    if not isinstance(value, str):
+        return []
+    if _LINE_BREAK_OR_NUL.search(value):
+        return [_error("The subject may not contain line breaks (CR or LF) or NUL.", field)]
+    if len(value) > MAX_SUBJECT_CHARS:
+        return [
+            _error(
+                f"The subject may be at most {MAX_SUBJECT_CHARS} characters; this one has "
+                f"{len(value)}.",
+                field,
+            )
+        ]
+    return []
 
 
 def _check_send_at(value: object, field: str, now: float) -> list[dict[str, Any]]:
@@ -426,10 +470,12 @@ def _limit_errors(payload: dict[str, Any], now: float) -> list[dict[str, Any]]:
         errors += _check_name(sender.get("name"), "from.name")
     errors += _check_custom_args(payload, personalizations)
     errors += _check_headers(payload.get("headers"), "")
+    errors += _check_subject(payload.get("subject"), "subject")
     errors += _check_send_at(payload.get("send_at"), "send_at", now)
     for i, person in enumerate(personalizations):
         if isinstance(person, dict):
             errors += _check_headers(person.get("headers"), f"personalizations.{i}.")
+            errors += _check_subject(person.get("subject"), f"personalizations.{i}.subject")
             errors += _check_send_at(person.get("send_at"), f"personalizations.{i}.send_at", now)
     errors += _check_content(payload, personalizations)
     if "reply_to" in payload and "reply_to_list" in payload:

@@ -7,6 +7,7 @@ here once, as is the per-cart totals query their candidate queries join.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -43,6 +44,9 @@ def int_or_none(value: Any) -> int | None:
     return None if value is None or pd.isna(value) else int(value)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def text_or_none(value: Any) -> str | None:
     """A string, or ``None`` for SQL NULL (``None``/``NaN`` in a frame)."""
     return value if isinstance(value, str) else None
@@ -58,11 +62,21 @@ def shop_context(shop: ContextDefaults) -> dict[str, str]:
     }
 
 
+def first_name_or_none(value: Any) -> str | None:
+    """The first name on one line (control characters and runs of whitespace become one
+    space, the ends trimmed), or None when nothing is left, so templates'
+    ``{% if customer.first_name %}`` picks the greeting without a name."""
+    name = text_or_none(value)
+    if name is None:
+        return None
+    return " ".join(_CONTROL.sub(" ", name).split()) or None
+
+
 def customer_context(row: Any, **extra: Any) -> dict[str, Any]:
     """``customer`` in every template: id, first name (or None), email, locale, ``extra``."""
     return {
         "id": int(row.customer_id),
-        "first_name": text_or_none(row.first_name),
+        "first_name": first_name_or_none(row.first_name),
         "email": row.email,
         "locale": row.locale,
         **extra,

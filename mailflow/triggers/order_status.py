@@ -27,7 +27,7 @@ from sqlalchemy import Connection, String, and_, cast, func, literal, select
 
 from mailflow.triggers.base import ContextDefaults, Trigger
 from mailflow.triggers.context import cart_lines, customer_context, int_or_none, money, shop_context
-from mailflow.validation import Rule, Suite
+from mailflow.validation import MAX_FIRST_NAME_CHARS, Rule, Suite
 from mailflow.warehouse.schema import customers, order_status_history, orders
 
 NAME = "order_status"
@@ -133,7 +133,7 @@ TRIGGER = Trigger(
         (
             Rule.not_null("email"),
             Rule.email("email"),
-            Rule.length_between("first_name", 1, 100),
+            Rule.length_between("first_name", None, MAX_FIRST_NAME_CHARS),
             Rule.in_set("status", STATUSES),
         ),
     ),

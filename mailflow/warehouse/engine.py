@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from mailflow.errors import ConfigError
 
@@ -37,6 +37,18 @@ def safe_url(url: str) -> str:
         return "<unparsable URL>"
 
 
+def unreachable(url: str, exc: SQLAlchemyError) -> ConfigError:
+    """The error for a warehouse that failed a statement: it names the setting, the URL
+    (password hidden) and the driver's first line, never a traceback."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return ConfigError(
+        f"the warehouse at {safe_url(url)} ({SETTING}) cannot be reached or used: {reason}. "
+        "Check that "
+        "the server runs, the URL, user and password are right, and that it is migrated "
+        "(`mailflow db upgrade`)."
+    )
+
+
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``; SQLite files get WAL mode.
 
@@ -64,7 +76,13 @@ def make_engine(url: str) -> Engine:
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True
-    engine = create_engine(parsed, **kwargs)
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except ArgumentError as exc:  # an unknown dialect or driver (NoSuchModuleError)
+        raise ConfigError(
+            f"{SETTING}={safe_url(url)} names a database mailflow cannot load ({exc}). Use "
+            "sqlite:///path/warehouse.db or postgresql+psycopg://user:password@host/dbname."
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

@@ -18,10 +18,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from mailflow import addresses
 from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
 from mailflow.unsubscribe import InvalidToken, read_token
@@ -100,6 +101,10 @@ def create_app(
             body = await _read_body(request, max_body_bytes)
         except _BodyTooLarge:
             return _error(413, "too_large", f"body over {max_body_bytes} bytes")
+        except ClientDisconnect:
+            # Nothing was stored; SendGrid retries what it did not see acknowledged.
+            log.warning("webhook client disconnected before sending the whole body")
+            return _error(400, "bad_request", "client disconnected mid-body")
 
         if public_key is None:
             log.warning(_VERIFY_OFF, signing.PUBLIC_KEY_SETTING)
@@ -137,12 +142,20 @@ def create_app(
             result.suppressed,
             result.confirmed,
         )
+        if result.unusable_addresses:
+            log.warning(
+                "webhook batch: %d events stored without an address: their email field held "
+                "a control character or whitespace, or was not text; nothing was suppressed "
+                "for them (the raw event keeps what was sent)",
+                result.unusable_addresses,
+            )
         return JSONResponse(
             {
                 "received": result.received,
                 "stored": result.stored,
                 "duplicates": result.duplicates,
                 "confirmed": result.confirmed,
+                "unusable_addresses": result.unusable_addresses,
             }
         )
 
@@ -177,10 +190,14 @@ async def one_click_field(request: Request) -> str | None:
     allows (``application/x-www-form-urlencoded`` or ``multipart/form-data``, which it
     says clients SHOULD use); "" when absent, None for an oversized or unreadable body."""
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_UNSUBSCRIBE_BODY_BYTES:
-            return None
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_UNSUBSCRIBE_BODY_BYTES:
+                return None
+    except ClientDisconnect:
+        log.warning("unsubscribe client disconnected before sending the whole body")
+        return None
 
     async def replay() -> AsyncGenerator[bytes, None]:
         yield body
@@ -220,7 +237,7 @@ def unsubscribe_routes(engine: Engine, key: SecretStr) -> list[Route]:
             conn.execute(
                 insert_ignoring_conflicts(conn, suppressions),
                 {
-                    "email": email.strip().lower(),
+                    "email": addresses.normalise(email),
                     "reason": "unsubscribe",
                     "source": f"one-click:{ledger_id}",
                     "created_at": utcnow(),

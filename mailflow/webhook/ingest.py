@@ -59,6 +59,8 @@ class IngestResult:
     duplicates: int
     suppressed: int
     confirmed: int = 0  # ambiguous sends these events proved accepted (now ``sent``)
+    #: Events stored without an address: theirs was not usable as given (see ``address``).
+    unusable_addresses: int = 0
     named: frozenset[int] = frozenset()  # ledger ids the new events name
 
 
@@ -69,6 +71,26 @@ def _text(value: Any, limit: int) -> str | None:
     # PostgreSQL text cannot hold NUL; one such byte would fail the whole batch forever.
     text = str(value).replace("\x00", "").strip()
     return text[:limit] if text else None
+
+
+#: The longest address field kept (RFC 5321 paths are at most 256 octets; the column 320).
+MAX_EVENT_ADDRESS_CHARS = 320
+# Control characters (C0, DEL, C1) and whitespace inside an address: not part of any real
+# address, and removing them could turn it into somebody else's.
+_NOT_IN_ADDRESS = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+
+
+def address(value: Any) -> str | None:
+    """The event's address, trimmed and lower-cased, or None when it is not usable *as
+    given*: not a string, empty, longer than the column, or holding a control character
+    (a NUL, a line break) or inner whitespace. Such an address is never repaired: removing a
+    character can make another person's address, who would then be suppressed."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text or len(text) > MAX_EVENT_ADDRESS_CHARS or _NOT_IN_ADDRESS.search(text):
+        return None
+    return text.lower()
 
 
 def _unix_seconds(value: Any) -> int | None:
@@ -97,13 +119,19 @@ def machine_open(raw: Mapping[str, Any]) -> bool:
     return isinstance(flag, (str, int)) and str(flag).strip().lower() in ("true", "1")
 
 
+#: Ledger ids are BIGINT; a larger number in an event would fail the whole batch's insert
+#: (and SendGrid would redeliver it forever), so it names no ledger row.
+_MAX_LEDGER_ID = 2**63 - 1
+
+
 def _ledger_id(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     try:
-        return int(str(value).strip())
+        found = int(str(value).strip())
     except ValueError:
         return None
+    return found if 1 <= found <= _MAX_LEDGER_ID else None
 
 
 def natural_key(sg_message_id: str | None, event: str, ts: int | None, email: str | None) -> str:
@@ -115,8 +143,7 @@ def natural_key(sg_message_id: str | None, event: str, ts: int | None, email: st
 def normalise(raw: Mapping[str, Any], received_at: datetime) -> dict[str, Any]:
     """One ``mf_events`` row from one event as SendGrid sent it (pure)."""
     event = _text(raw.get("event"), 32) or "unknown"
-    email = _text(raw.get("email"), 320)
-    email = email.lower() if email else None
+    email = address(raw.get("email"))
     ts = _unix_seconds(raw.get("timestamp"))
     sg_message_id = _text(raw.get("sg_message_id"), 128)
     return {
@@ -174,11 +201,15 @@ def store_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> Inges
             seen.add(r["natural_key"])
             fresh.append(r)
     suppressed = _apply_suppressions(conn, fresh, now)
+    unusable = sum(
+        1 for e, r in zip(events, rows, strict=True) if r["email"] is None and e.get("email")
+    )
     return IngestResult(
         received=len(rows),
         stored=len(stored_keys),
         duplicates=len(rows) - len(stored_keys),
         suppressed=suppressed,
+        unusable_addresses=unusable,
         named=frozenset(r["ledger_id"] for r in fresh if r["ledger_id"] is not None),
     )
 

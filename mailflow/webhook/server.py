@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from mailflow.health import wait_healthy
+from mailflow.webhook import signing
 from mailflow.webhook.app import EVENTS_PATH, create_app
 
 
@@ -22,11 +23,16 @@ def running_webhook(
     public_key_b64: str,
     *,
     unsubscribe_key: SecretStr | None = None,
+    tolerance_s: int = signing.DEFAULT_TOLERANCE_S,
     startup_timeout: float = 10.0,
 ) -> Iterator[str]:
     """The real webhook app under uvicorn on a free loopback port; yields the events URL."""
     app = create_app(
-        engine=engine, public_key_b64=public_key_b64, verify=True, unsubscribe_key=unsubscribe_key
+        engine=engine,
+        public_key_b64=public_key_b64,
+        verify=True,
+        tolerance_s=tolerance_s,
+        unsubscribe_key=unsubscribe_key,
     )
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets it knows are TCP.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

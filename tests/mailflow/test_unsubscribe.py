@@ -15,9 +15,8 @@ from mailflow import ledger
 from mailflow.unsubscribe import InvalidToken, make_token, read_token
 from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import suppressions
-from mailflow.webhook.app import EVENTS_PATH, create_app
-from mailflow.webhook.server import running_webhook
-from mailflow.webhook.signing import generate_keypair
+from mailflow.webhook.app import create_app
+from tests.unsubscribe_service import serving_unsubscribes
 
 KEY = SecretStr("test-unsubscribe-secret-0123456789")
 ONE_CLICK = {
@@ -89,23 +88,8 @@ def test_forged_token_and_wrong_body_are_refused(client_and_engine: Any) -> None
 @pytest.fixture
 def served(warehouse_url: str) -> Iterator[tuple[httpx.Client, Engine]]:
     """The webhook service under uvicorn on a real port (its unsubscribe routes)."""
-    engine = make_engine(warehouse_url)
-    with engine.begin() as conn:
-        ledger.plan(
-            conn,
-            "abandoned_cart",
-            [
-                ledger.PlannedMessage(f"abandoned_cart:{i}", f"u{i}@example.com", i, None, {})
-                for i in (1, 2)
-            ],
-            flow_run_id="r",
-        )
-    _, public_b64 = generate_keypair()
-    with running_webhook(engine, public_b64, unsubscribe_key=KEY) as events_url:
-        base = events_url.removesuffix(EVENTS_PATH)
-        with httpx.Client(base_url=base, trust_env=False, timeout=10) as client:
-            yield client, engine
-    engine.dispose()
+    with serving_unsubscribes(warehouse_url, KEY, messages=2) as served:
+        yield served
 
 
 def test_one_click_works_from_both_form_encodings_over_http(served: Any) -> None:

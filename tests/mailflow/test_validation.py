@@ -29,7 +29,7 @@ CART_SUITE = Suite(
         Rule.not_null("email"),
         Rule.email("email"),
         Rule.unique("email", normalise="lower"),
-        Rule.length_between("first_name", 1, 100, allow_null=True),
+        Rule.length_between("first_name", None, 100),
         Rule.in_set("locale", SUPPORTED_LOCALES),
         Rule.greater_than("cart_total", 0),
     ),
@@ -276,6 +276,21 @@ def test_recipient_suite_is_the_standard_checks_plus_extras() -> None:
     suite = recipient_suite("abandoned_cart", extra=(Rule.greater_than("cart_total", 0),))
 
     assert suite == CART_SUITE
+
+
+def test_an_empty_or_blank_first_name_is_not_quarantined() -> None:
+    # Every template greets without a name; only a name too long to be one is bad data.
+    df = cart_rows(
+        [
+            ("cart:1", "a@example.com", "", "en", Decimal("1")),
+            ("cart:2", "b@example.com", "   ", "en", Decimal("1")),
+            ("cart:3", "c@example.com", "x" * 101, "en", Decimal("1")),
+        ]
+    )
+    outcome = validate_frame(df, recipient_suite("abandoned_cart"), key_column=KEY)
+    assert [(v.row_key, v.rule) for v in outcome.violations] == [
+        ("cart:3", "first_name:length_between")
+    ]
 
 
 def outcome_with(bad: int, total: int) -> ValidationOutcome:

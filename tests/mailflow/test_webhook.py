@@ -115,7 +115,13 @@ def test_a_signed_batch_is_stored_with_its_ledger_link(client: TestClient, engin
     ]
     resp = post(client, payload)
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"received": 3, "stored": 3, "duplicates": 0, "confirmed": 0}
+    assert resp.json() == {
+        "received": 3,
+        "stored": 3,
+        "duplicates": 0,
+        "confirmed": 0,
+        "unusable_addresses": 0,
+    }
     rows = stored(engine)
     assert [r.event for r in rows] == ["delivered", "click", "open"]
     assert rows[0].ledger_id == ledger_id and rows[0].trigger == "abandoned_cart"
@@ -188,12 +194,19 @@ def test_duplicate_deliveries_are_stored_once(client: TestClient, engine: Engine
         "stored": 1,
         "duplicates": 0,
         "confirmed": 0,
+        "unusable_addresses": 0,
     }
     # The same event again, and the same (message, event, timestamp, email) with a new id.
     again = dict(first)
     renamed = dict(first, sg_event_id="evt-other", email="ADA@example.com")
     resp = post(client, [again, renamed, event("open", 2), event("open", 2)])
-    assert resp.json() == {"received": 4, "stored": 1, "duplicates": 3, "confirmed": 0}
+    assert resp.json() == {
+        "received": 4,
+        "stored": 1,
+        "duplicates": 3,
+        "confirmed": 0,
+        "unusable_addresses": 0,
+    }
     assert [r.sg_event_id for r in stored(engine)] == ["evt-delivered-1", "evt-open-2"]
 
 
