@@ -45,9 +45,11 @@ Templates are read once per ``Renderer``; make a new one to pick up edits.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
-from collections.abc import Mapping
+import string
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
@@ -66,8 +68,9 @@ from jinja2 import (
     nodes,
     pass_context,
 )
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
-from jinja2.filters import do_format
+from jinja2.filters import do_format, do_replace
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -166,12 +169,83 @@ def _check_format_widths(fmt: str) -> None:
                 raise _TooLarge(f"a format width over {MAX_TEMPLATE_VALUE_CHARS} is not allowed")
 
 
+#: Loop steps one rendered part may take, all ``for`` loops together (nested loops over
+#: two 100,000-character strings would otherwise run 10**10 steps; a cart has dozens).
+MAX_TEMPLATE_LOOP_STEPS = 100_000
+_loop_steps: contextvars.ContextVar[list[int]] = contextvars.ContextVar("loop_steps")
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """Iterate a template's ``for`` loop, counting its steps (see the code generator)."""
+    steps = _loop_steps.get(None)
+    if steps is None:  # rendered outside Renderer (not in this project): a budget per loop
+        steps = [MAX_TEMPLATE_LOOP_STEPS]
+    for item in iterable:
+        steps[0] -= 1
+        if steps[0] < 0:
+            raise _TooLarge(
+                f"the loops took more than {MAX_TEMPLATE_LOOP_STEPS} steps, which is not allowed"
+            )
+        yield item
+
+
+#: The filter every compiled ``for`` loop goes through (a name no template would pick).
+_COUNTED = "_mailflow_loop_steps"
+
+
+class _CountingCodeGenerator(CodeGenerator):
+    """Compiles every ``for`` loop to iterate through :func:`_counted`, so the loop steps
+    of one render are counted against :data:`MAX_TEMPLATE_LOOP_STEPS` (Jinja's sandbox
+    bounds ``range`` but not loops over other values, nor loops inside loops)."""
+
+    def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
+        # Before code generation, which collects the filters a template uses up front.
+        for loop in node.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, _COUNTED, [], [], None, None, lineno=loop.lineno)
+        super().visit_Template(node, frame)
+
+
+def _check_format_spec_widths(fmt: str) -> bool:
+    """Refuse ``'{:999999999}'.format(x)``: a str.format width or precision past the bound.
+
+    Returns whether a field takes its width from an argument (``'{:{}}'``)."""
+    nested = False
+    for _, _, spec, _ in string.Formatter().parse(fmt):
+        nested = nested or "{" in (spec or "")
+        for digits in re.findall(r"\d+", spec or ""):
+            if int(digits) > MAX_TEMPLATE_VALUE_CHARS:
+                raise _TooLarge(f"a format width over {MAX_TEMPLATE_VALUE_CHARS} is not allowed")
+    return nested
+
+
+def _check_replace(value: Any, old: Any, new: Any, count: Any = None) -> None:
+    """Refuse a replace whose result would pass the bound (``s|replace('x', s)``)."""
+    text, old_s, new_s = str(value), str(old), str(new)
+    hits = text.count(old_s) if old_s else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    if len(text) + hits * (len(new_s) - len(old_s)) > MAX_TEMPLATE_VALUE_CHARS:
+        raise _TooLarge(
+            f"a replace building more than {MAX_TEMPLATE_VALUE_CHARS} characters is not allowed"
+        )
+
+
+def _replace_filter(eval_ctx: Any, value: Any, old: Any, new: Any, count: Any = None) -> Any:
+    """Jinja's ``replace`` filter with :func:`_check_replace` first."""
+    _check_replace(value, old, new, count)
+    return do_replace(eval_ctx, value, old, new, count)
+
+
+_replace_filter.jinja_pass_arg = do_replace.jinja_pass_arg  # type: ignore[attr-defined]
+
+
 class _MailEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox, with data keys winning over methods on mappings, and bounds on the
     operators that can exhaust memory or CPU from a short template (Jinja's sandbox
     limits ``range`` but not these)."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
+    code_generator_class = _CountingCodeGenerator
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if (
@@ -197,8 +271,17 @@ class _MailEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         # str.center(10**9) and friends: a width argument builds the string up front.
-        if isinstance(getattr(__obj, "__self__", None), str) and __obj.__name__ in _WIDTH_METHODS:
-            _check_widths(args, kwargs)
+        # str.format arrives wrapped by the sandbox (``__wrapped__`` is the str method).
+        method = getattr(__obj, "__wrapped__", __obj)
+        if isinstance(getattr(method, "__self__", None), str):
+            if method.__name__ in _WIDTH_METHODS:
+                _check_widths(args, kwargs)
+            elif method.__name__ == "replace":
+                _check_replace(method.__self__, *args, **kwargs)
+            elif method.__name__ in ("format", "format_map") and _check_format_spec_widths(
+                method.__self__
+            ):
+                _check_widths(args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -261,6 +344,8 @@ class Renderer:
         )
         self._env.filters["money"] = _money_filter
         self._env.filters["format"] = _format_filter
+        self._env.filters["replace"] = _replace_filter
+        self._env.filters[_COUNTED] = _counted
         for name in _WIDTH_FILTERS:
             self._env.filters[name] = _bounded_filter(name, self._env.filters[name])
         self._resolved: dict[tuple[str, str | None, str | None], tuple[_Part, _Part, _Part]] = {}
@@ -315,11 +400,14 @@ class Renderer:
         )
 
     def _render_part(self, part: _Part, context: Mapping[str, Any]) -> str:
+        token = _loop_steps.set([MAX_TEMPLATE_LOOP_STEPS])
         try:
             return part.template.render(context, locale=part.locale)
         except Exception as exc:
             # `from None`: the original traceback may carry the row's values.
             raise self._error(exc, part.name) from None
+        finally:
+            _loop_steps.reset(token)
 
     def _resolve(
         self, template: str, locale: str | None, variant: str | None
