@@ -24,7 +24,7 @@ from mailflow import ledger
 from mailflow.campaigns.window import schedule
 from mailflow.clock import utcnow
 from mailflow.errors import FatalRunError, TemplateError, TransientError
-from mailflow.mailer.base import OutboundMessage, Outcome, SendResult
+from mailflow.mailer.base import Mailer, OutboundMessage, Outcome, SendResult
 from mailflow.pipeline.message import build_message
 from mailflow.pipeline.resources import Resources
 from mailflow.triggers.base import Trigger
@@ -214,9 +214,13 @@ async def send_batch(
     *,
     flow_run_id: str | None,
     away_from_flow: bool = False,
+    mailer: Mailer | None = None,
 ) -> BatchReport:
     """Claim the batch's planned rows (a few at a time, as requests can go), render,
     send, and record every answer as it comes.
+
+    ``mailer``: a mailer shared with other batches (its connections stay open after this
+    one, see :mod:`mailflow.mailer.pool`); None: a new one, closed at the end.
 
     Raises:
         TransientError: some messages were not accepted yet (429/5xx); they are back
@@ -227,14 +231,18 @@ async def send_batch(
     if is_aborted(res, flow_run_id, away_from_flow=away_from_flow):
         return BatchReport()
     # A configuration error stops here, before anything is claimed.
-    mailer = res.mailer()
+    own = mailer is None
+    mailer = res.mailer() if mailer is None else mailer
     feed = _Feed(
         res, trigger, ledger_ids, flow_run_id=flow_run_id, unsubscribe=res.unsubscribe(trigger)
     )
     settler = _Settler(res.engine, res.settings.settle_every)
     try:
-        async with mailer:
+        try:
             sent = await mailer.send_many(feed.messages(), on_result=settler.add)
+        finally:
+            if own:
+                await mailer.aclose()
     except FatalRunError as exc:
         _abort(flow_run_id)
         await settler.drain()
