@@ -5,7 +5,9 @@ Every ``interval_s`` a background thread reads each thread's CPU clock
 the CPU the thread used since the last sample to the stage its stack is in: the
 innermost frame that names a stage wins (a SQLAlchemy call inside ``ledger.claim`` is a
 ledger write, a Jinja2 call inside ``build_message`` is rendering). Threads waiting on
-the network or a lock use no CPU, so they cost nothing here; threads that Prefect,
+the network or a lock use no CPU, so they cost nothing here (CPU booked while a thread
+is seen waiting goes to what it was last seen doing: short work between two samples);
+threads that Prefect,
 asyncio or AnyIO start later are picked up at the next sample. The sampler's own CPU
 is measured and reported apart.
 
@@ -49,6 +51,7 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("mailflow/pipeline/preflight.py", None, "preflight"),
     ("prefect/", None, "Prefect"),
     ("prefect_dask/", None, "Prefect"),
+    ("mailflow/mailer/pool.py", "_serve", "event loop (libuv, short callbacks)"),
     ("asyncio/", None, "asyncio event loop"),
     ("selectors.py", None, "asyncio event loop"),
     ("anyio/", None, "asyncio event loop"),
@@ -64,6 +67,7 @@ STAGES = (
     "render",
     "HTTP client",
     "asyncio event loop",
+    "event loop (libuv, short callbacks)",
     "ledger writes",
     "send stage (claim loop, settle queue)",
     "record summary",
@@ -71,6 +75,18 @@ STAGES = (
     "Prefect",
     "thread pools",
     "other",
+)
+
+
+#: Innermost frames of a thread that waits (select, an idle pool worker, a lock): it uses
+#: no CPU there, so CPU booked at such a sample was spent on the work just before it.
+IDLE = frozenset(
+    {
+        "selectors.py:select",
+        "futures/thread.py:_worker",
+        "python3.11/threading.py:wait",
+        "python3.11/queue.py:get",
+    }
 )
 
 
@@ -105,6 +121,7 @@ class StageProfiler:
         # By (ident, native id): a thread ident can be reused by a later thread.
         self._clocks: dict[tuple[int, int | None], int] = {}
         self._last: dict[tuple[int, int | None], float] = {}
+        self._busy: dict[tuple[int, int | None], tuple[str, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stage-profiler", daemon=True)
 
@@ -140,10 +157,18 @@ class StageProfiler:
                     continue
                 used = now - self._last.get(key, now)
                 self._last[key] = now
-                if used > 0:
+                where = _where(frame)
+                if any(where.endswith(idle) for idle in IDLE):
+                    # Short work done between two samples (a ledger write in a pool
+                    # thread, a burst of callbacks) is over by the time the thread is
+                    # seen waiting: book it to what the thread did when last seen busy.
+                    stage, where = self._busy.get(key, (classify(frame), where))
+                else:
                     stage = classify(frame)
+                    self._busy[key] = (stage, where)
+                if used > 0:
                     self.cpu_s[stage] += used
-                    self.detail[stage, _where(frame)] += used
+                    self.detail[stage, where] += used
             del frame
         self.sampler_cpu_s = time.thread_time() - started
 
