@@ -26,6 +26,7 @@ from types import FrameType
 #: (path fragment, function name or None for any, stage). First match from the innermost
 #: frame outwards decides; order matters only among rules of the same frame.
 RULES: tuple[tuple[str, str | None, str], ...] = (
+    ("mailflow/mailer/pool.py", "_serve", "event loop (libuv, short callbacks)"),
     ("mailflow/ledger.py", "plan", "ledger writes"),
     ("mailflow/ledger.py", "claim", "ledger writes"),
     ("mailflow/ledger.py", "settle", "ledger writes"),
@@ -51,7 +52,6 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("mailflow/pipeline/preflight.py", None, "preflight"),
     ("prefect/", None, "Prefect"),
     ("prefect_dask/", None, "Prefect"),
-    ("mailflow/mailer/pool.py", "_serve", "event loop (libuv, short callbacks)"),
     ("asyncio/", None, "asyncio event loop"),
     ("selectors.py", None, "asyncio event loop"),
     ("anyio/", None, "asyncio event loop"),
