@@ -35,6 +35,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,14 +149,24 @@ def flow_process(out: Path, batch_size: int, interval_s: float) -> None:
     from bench.stageprof import StageProfiler
 
     me = psutil.Process()
+    seen: dict[int, float] = {}  # CPU seconds of each child process when last polled
 
-    def others_cpu() -> float:  # the Prefect server the harness started, Dask's workers
-        total = 0.0
+    def poll_children() -> None:
+        # Polled while the flow runs: Dask's workers are gone by the time it ends.
         for child in me.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 t = child.cpu_times()
-                total += t.user + t.system
-        return total
+                seen[child.pid] = t.user + t.system
+
+    def others_cpu() -> float:  # the Prefect server the harness started, Dask's workers
+        poll_children()
+        return sum(seen.values())
+
+    stop = threading.Event()
+
+    def poller() -> None:
+        while not stop.wait(0.5):
+            poll_children()
 
     with prefect_test_harness(server_startup_timeout=120):
         from flows.abandoned_cart import abandoned_cart
@@ -164,8 +175,12 @@ def flow_process(out: Path, batch_size: int, interval_s: float) -> None:
 
         server0 = others_cpu()
         usage0, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        polling = threading.Thread(target=poller, daemon=True)
+        polling.start()
         with StageProfiler(interval_s) as profiler:
             first = abandoned_cart(batch_size=batch_size)
+        stop.set()
+        polling.join()
         wall = time.perf_counter() - wall
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
         server_cpu = others_cpu() - server0
