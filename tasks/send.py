@@ -16,6 +16,7 @@ from prefect.states import State
 
 from mailflow.campaigns.trigger import resolve_trigger
 from mailflow.errors import TransientError
+from mailflow.mailer.pool import shared_loop
 from mailflow.pipeline import resources
 from mailflow.pipeline import send as send_stage
 from mailflow.pipeline.send import BatchReport
@@ -23,7 +24,7 @@ from mailflow.pipeline.send import BatchReport
 
 def retry_only_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Retry the batch only for errors worth retrying (never for a refused key)."""
-    # _sync: this runs inside the async task engine, where result() would be a coroutine.
+    # _sync: result() must not hand back a coroutine, whichever task engine calls this.
     exc = state.result(raise_on_failure=False, _sync=True)  # type: ignore[call-overload]
     return isinstance(exc, TransientError)
 
@@ -44,16 +45,24 @@ def _away_from_flow_process() -> bool:
     cache_policy=NONE,
     persist_result=False,
 )
-async def send_batch(
+def send_batch(
     trigger_name: str, ledger_ids: list[int], batch_no: int, flow_run_id: str | None
 ) -> BatchReport:
-    """Claim the batch's planned rows, render, send, and record every answer."""
-    report = await send_stage.send_batch(
-        resources.current(),
-        resolve_trigger(trigger_name),  # a registered trigger or a stored campaign
-        ledger_ids,
-        flow_run_id=flow_run_id,
-        away_from_flow=_away_from_flow_process(),
+    """Claim the batch's planned rows, render, send, and record every answer.
+
+    A sync task on purpose: the work runs on the process's shared send loop, whose
+    mailer keeps its connections open from one batch to the next (an async task gets a
+    new event loop, hence a new connection pool, per batch).
+    """
+    res = resources.current()
+    trigger = resolve_trigger(trigger_name)  # a registered trigger or a stored campaign
+    away = _away_from_flow_process()
+    report = shared_loop().run(
+        lambda mailer: send_stage.send_batch(
+            res, trigger, ledger_ids, flow_run_id=flow_run_id, away_from_flow=away, mailer=mailer
+        ),
+        lambda: res.mailer(shared=True),
+        key=res.mailer_key(),
     )
     if report.claimed:
         get_run_logger().info(

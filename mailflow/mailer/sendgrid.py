@@ -126,7 +126,9 @@ class SendGridMailer:
     Args:
         host: base URL, e.g. ``https://api.sendgrid.com``.
         api_key: the key; only ever placed in the Authorization header.
-        concurrency: requests in flight at once (also the connection pool size).
+        concurrency: requests in flight at once per ``send_many`` call.
+        pool_size: connections kept open at most (default ``concurrency``; 0: no bound,
+            for a mailer several batches share, each bounded by ``concurrency``).
         timeout_s: total time allowed per request.
         max_attempts: tries per message for retryable answers before giving up
             with ``Outcome.RETRY`` (the caller may try again later).
@@ -140,6 +142,7 @@ class SendGridMailer:
         from_email: str,
         from_name: str | None = None,
         concurrency: int = 100,
+        pool_size: int | None = None,
         timeout_s: float = 15.0,
         max_attempts: int = 4,
         backoff_base_s: float = 0.25,
@@ -150,6 +153,7 @@ class SendGridMailer:
         self._from_email = from_email
         self._from_name = from_name
         self._concurrency = concurrency
+        self._pool_size = concurrency if pool_size is None else pool_size
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
         self._max_attempts = max(1, max_attempts)
         self._backoff_base = backoff_base_s
@@ -161,7 +165,7 @@ class SendGridMailer:
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._concurrency, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,

@@ -36,8 +36,12 @@ class Resources:
     engine: Engine
     renderer: Renderer
 
-    def mailer(self) -> Mailer:
+    def mailer(self, *, shared: bool = False) -> Mailer:
         """A new mailer for the configured provider (the local API in demo mode).
+
+        ``shared``: for several batches at once (:mod:`mailflow.mailer.pool`); each batch
+        still has at most ``http_concurrency`` requests in flight, so its connection
+        pool is not bounded again.
 
         Raises:
             ConfigError: no usable API key (outside demo mode).
@@ -49,9 +53,24 @@ class Resources:
             from_email=s.from_email,
             from_name=s.from_name,
             concurrency=s.http_concurrency,
+            pool_size=0 if shared else None,
             timeout_s=s.http_timeout_s,
             max_attempts=s.http_max_attempts,
             backoff_base_s=s.http_backoff_base_s,
+        )
+
+    def mailer_key(self) -> tuple[object, ...]:
+        """What makes two of :meth:`mailer` interchangeable (a shared one is reused)."""
+        s = self.settings
+        return (
+            s.sendgrid_host,
+            s.api_key().get_secret_value(),
+            s.from_email,
+            s.from_name,
+            s.http_concurrency,
+            s.http_timeout_s,
+            s.http_max_attempts,
+            s.http_backoff_base_s,
         )
 
     def unsubscribe(self, trigger: Trigger) -> tuple[str, SecretStr] | None:

@@ -11,6 +11,7 @@ group either side) ambiguous, not the whole batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -24,7 +25,7 @@ from mailflow import ledger
 from mailflow.campaigns.window import schedule
 from mailflow.clock import utcnow
 from mailflow.errors import FatalRunError, TemplateError, TransientError
-from mailflow.mailer.base import OutboundMessage, Outcome, SendResult
+from mailflow.mailer.base import Mailer, OutboundMessage, Outcome, SendResult
 from mailflow.pipeline.message import build_message
 from mailflow.pipeline.resources import Resources
 from mailflow.triggers.base import Trigger
@@ -154,7 +155,14 @@ def _check_error_budget(
 
 class _Feed:
     """The batch's messages, claimed a few rows at a time as the mailer asks for them,
-    so rows wait in ``sending`` only while their request is (about to be) in flight."""
+    so rows wait in ``sending`` only while their request is (about to be) in flight.
+
+    The next group is claimed while the current one is rendered and sent: the mailer's
+    workers would otherwise stand still for a warehouse round trip between groups (and,
+    with several batches and their answers to write, wait for the warehouse's write
+    lock or the GIL). So at most one group more is in ``sending`` ahead of its requests;
+    :meth:`aclose` takes that group back when the batch stops early.
+    """
 
     def __init__(
         self,
@@ -173,18 +181,42 @@ class _Feed:
         # for the next opening with ``send_at``, or — beyond SendGrid's 72 h — handed back
         # to ``planned`` for a later run. Never dropped.
         self.deferred: list[int] = []
+        # Claimed but never handed to the mailer (the batch stopped early): back to planned.
+        self.unsent: list[int] = []
+        self._ahead: asyncio.Future[list[ledger.ClaimedMessage]] | None = None
 
     def _claim(self, ids: list[int]) -> list[ledger.ClaimedMessage]:
         with self._res.engine.begin() as conn:
             return ledger.claim(conn, ids, flow_run_id=self._run)
 
+    def _claim_soon(self, ids: list[int]) -> asyncio.Future[list[ledger.ClaimedMessage]]:
+        return asyncio.ensure_future(asyncio.to_thread(self._claim, ids))
+
+    async def _take_ahead(self) -> list[ledger.ClaimedMessage]:
+        """The group claimed ahead (waited for), now counted as claimed."""
+        ahead, self._ahead = self._ahead, None
+        claimed = await ahead if ahead is not None else []
+        self.claimed += [c.id for c in claimed]
+        return claimed
+
+    async def aclose(self) -> None:
+        """Wait for a claim still under way; rows it took and nobody sent go to ``unsent``."""
+        if self._ahead is not None:
+            with contextlib.suppress(Exception):
+                self.unsent += [c.id for c in await self._take_ahead()]
+
     async def messages(self) -> AsyncIterator[OutboundMessage]:
         step = self._res.settings.settle_every
-        for start in range(0, len(self._ids), step):
+        groups = [self._ids[s : s + step] for s in range(0, len(self._ids), step)]
+        for n, group in enumerate(groups):
             if (self._run or "") in _aborted_runs:
+                await self.aclose()
                 return  # another batch of this run hit a refused key
-            claimed = await asyncio.to_thread(self._claim, self._ids[start : start + step])
-            self.claimed += [c.id for c in claimed]
+            if self._ahead is None:
+                self._ahead = self._claim_soon(group)
+            claimed = await self._take_ahead()
+            if n + 1 < len(groups):
+                self._ahead = self._claim_soon(groups[n + 1])
             now = utcnow()
             for c in claimed:
                 when = schedule(c.context.get("send_window"), now)
@@ -214,9 +246,13 @@ async def send_batch(
     *,
     flow_run_id: str | None,
     away_from_flow: bool = False,
+    mailer: Mailer | None = None,
 ) -> BatchReport:
     """Claim the batch's planned rows (a few at a time, as requests can go), render,
     send, and record every answer as it comes.
+
+    ``mailer``: a mailer shared with other batches (its connections stay open after this
+    one, see :mod:`mailflow.mailer.pool`); None: a new one, closed at the end.
 
     Raises:
         TransientError: some messages were not accepted yet (429/5xx); they are back
@@ -227,14 +263,19 @@ async def send_batch(
     if is_aborted(res, flow_run_id, away_from_flow=away_from_flow):
         return BatchReport()
     # A configuration error stops here, before anything is claimed.
-    mailer = res.mailer()
+    own = mailer is None
+    mailer = res.mailer() if mailer is None else mailer
     feed = _Feed(
         res, trigger, ledger_ids, flow_run_id=flow_run_id, unsubscribe=res.unsubscribe(trigger)
     )
     settler = _Settler(res.engine, res.settings.settle_every)
     try:
-        async with mailer:
+        try:
             sent = await mailer.send_many(feed.messages(), on_result=settler.add)
+        finally:
+            await feed.aclose()
+            if own:
+                await mailer.aclose()
     except FatalRunError as exc:
         _abort(flow_run_id)
         await settler.drain()
@@ -256,6 +297,7 @@ async def send_batch(
     with res.engine.begin() as conn:
         ledger.settle(conn, feed.unrendered)
         ledger.release(conn, feed.deferred, reason=DEFERRED_REASON)
+        ledger.release(conn, feed.unsent, reason=STOPPED_REASON)
     _check_error_budget(
         res, trigger, flow_run_id, failed_here=any(r.outcome is Outcome.FAILED for r in results)
     )

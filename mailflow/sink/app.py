@@ -100,6 +100,15 @@ class SinkState:
         else:
             # No events are drawn without a webhook; the fixed outcomes still happen.
             self.add_accept_hook(self._fixed_outcomes)
+        #: Accepted messages per value of ``config.count_arg`` (empty when it is unset).
+        self.tally: Counter[str] = Counter()
+        if config.count_arg:
+            self.add_accept_hook(self._count)
+
+    def _count(self, record: MessageRecord) -> None:
+        value = record.custom_args.get(self.config.count_arg or "")
+        if value is not None:
+            self.tally[value] += 1
 
     def _fixed_outcomes(self, record: MessageRecord) -> None:
         created = int(record.received_ts)
@@ -404,7 +413,25 @@ async def _list_messages(request: Request) -> Response:
 
 
 async def _clear_messages(request: Request) -> Response:
-    return _json({"cleared": sink_state(request.app).store.clear()})
+    state = sink_state(request.app)
+    state.tally.clear()
+    return _json({"cleared": state.store.clear()})
+
+
+async def _tally(request: Request) -> Response:
+    """Messages counted per ``count_arg`` value since the last clear: how many values,
+    how many messages, the values seen more than once; every value with ``?values=1``."""
+    state = sink_state(request.app)
+    tally = state.tally
+    data: dict[str, Any] = {
+        "arg": state.config.count_arg,
+        "values": len(tally),
+        "messages": sum(tally.values()),
+        "repeated": {v: n for v, n in tally.items() if n > 1},
+    }
+    if request.query_params.get("values") == "1":
+        data["seen"] = list(tally)
+    return _json(data)
 
 
 async def _get_message(request: Request) -> Response:
@@ -594,6 +621,7 @@ def create_app(config: SinkConfig | None = None) -> Starlette:
         Route("/_sink/messages", _clear_messages, methods=["DELETE"]),
         Route("/_sink/messages/{message_id}", _get_message, methods=["GET"]),
         Route("/_sink/stats", _stats, methods=["GET"]),
+        Route("/_sink/tally", _tally, methods=["GET"]),
         Route("/_sink/faults", _faults, methods=["GET", "POST", "DELETE"]),
         Route("/_sink/webhook-key", _webhook_key, methods=["GET"]),
         Route("/_sink/suppressions", _sink_suppressions, methods=["GET", "POST", "DELETE"]),

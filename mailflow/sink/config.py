@@ -202,6 +202,10 @@ class SinkConfig:
     pixel a privacy proxy fetches (an ``open`` flagged ``sg_machine_open``);
     ``duplicate_rate`` is the share of batches posted twice; ``events_seed`` seeds the
     outcome RNG.
+
+    ``count_arg`` names a ``custom_args`` key (e.g. ``ledger_id``) whose values the sink
+    counts over every accepted message, dropped from ``keep`` or not, so a benchmark can
+    check one message per id at a million messages (``GET /_sink/tally``).
     """
 
     api_keys: tuple[str, ...] = (DEMO_API_KEY,)
@@ -222,6 +226,7 @@ class SinkConfig:
     event_batch_size: int = 500
     event_flush_ms: float = 200.0
     events_seed: int | None = None
+    count_arg: str | None = None
 
     def __post_init__(self) -> None:
         if not self.api_keys:

@@ -83,6 +83,11 @@ class SinkHandle:
         ``events`` when a webhook_url is set)."""
         return self._get("/_sink/stats")
 
+    def tally(self, *, values: bool = False) -> dict[str, Any]:
+        """Accepted messages per ``count_arg`` value (``GET /_sink/tally``); with
+        ``values``, every value seen under ``seen``."""
+        return self._get("/_sink/tally", params={"values": 1} if values else None)
+
     @property
     def webhook_public_key(self) -> str:
         """The base64 verification key of the events the sink signs (needs webhook_url).
@@ -113,7 +118,7 @@ class SinkHandle:
         return response.json()
 
     def clear(self) -> int:
-        """Forget the stored messages; returns how many were held."""
+        """Forget the stored messages (and the tally); returns how many were held."""
         response = self.client.delete("/_sink/messages")
         response.raise_for_status()
         return int(response.json()["cleared"])

@@ -120,6 +120,22 @@ def test_good_payload_is_accepted_and_stored(sink: SinkHandle, http: httpx.Clien
     assert sink.stats()["accepted"] >= 1
 
 
+def test_tally_counts_messages_per_custom_arg_past_the_store_bound() -> None:
+    with running_sink(keep=1, count_arg="ledger_id") as sink:
+        headers = {"Authorization": f"Bearer {sink.api_key}"}
+        with httpx.Client(base_url=sink.url, headers=headers, trust_env=False) as http:
+            for ledger_id in ("1", "2", "2"):
+                body = mail()
+                body["personalizations"][0]["custom_args"]["ledger_id"] = ledger_id
+                assert send(http, body).status_code == 202
+            tally = sink.tally(values=True)
+            assert (tally["values"], tally["messages"]) == (2, 3)
+            assert tally["repeated"] == {"2": 2}
+            assert sorted(tally["seen"]) == ["1", "2"]
+            sink.clear()
+            assert sink.tally()["messages"] == 0
+
+
 def test_second_key_and_gzip_body_are_accepted(sink: SinkHandle, http: httpx.Client) -> None:
     body = gzip.compress(orjson.dumps(mail("gz@example.com")))
     response = http.post(
