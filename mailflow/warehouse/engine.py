@@ -26,9 +26,22 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _json_default(value: Any) -> Any:
+    # What the json module took and orjson does not: subclasses of the JSON types
+    # (a quarantined row from pandas holds numpy.float64, a float subclass).
+    for kind in (float, int, str):
+        if isinstance(value, kind):
+            return kind(value)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
 def _json_dumps(value: Any) -> str:
-    # Non-string keys become strings, as with the json module.
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    # Non-string keys become strings, as with the json module; numpy scalars as numbers.
+    return orjson.dumps(
+        value,
+        default=_json_default,
+        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY,
+    ).decode()
 
 
 #: Named in every warehouse error, so the operator knows what to fix.

@@ -26,6 +26,7 @@ from mailflow.warehouse.schema import (
     order_status_history,
     orders,
     products,
+    quarantine,
     suppressions,
 )
 from mailflow.webhook.ingest import store_events
@@ -211,3 +212,25 @@ def test_webhook_events_with_nul_bytes_are_stored_not_refused(warehouse_url: str
         assert suppressed == ["nul@example.com"]
     finally:
         engine.dispose()
+
+
+def test_json_columns_take_what_pandas_hands_over(warehouse_url: str) -> None:
+    """A quarantined row comes from a DataFrame: numpy scalars (a float subclass among
+    them), NaN for a missing value. Both warehouses store them as plain JSON numbers."""
+    import numpy as np
+
+    upgrade(warehouse_url)
+    engine = make_engine(warehouse_url)
+    row = {"open_cart_id": np.float64(206.0), "items": np.int64(4), "cart_total": math.nan}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(quarantine).values(
+                    trigger="weekly_digest", expectation="x", reason="y", row=row, created_at=NOW
+                )
+            )
+        with engine.connect() as conn:
+            stored = conn.execute(select(quarantine.c.row)).scalar_one()
+    finally:
+        engine.dispose()
+    assert stored == {"open_cart_id": 206.0, "items": 4, "cart_total": None}
