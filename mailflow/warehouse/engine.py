@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +29,29 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _json_default(value: Any) -> Any:
     # What the json module took and orjson does not: subclasses of the JSON types
-    # (a quarantined row from pandas holds numpy.float64, a float subclass).
+    # (a quarantined row from pandas holds numpy.float64, a float subclass) and numpy
+    # scalars outside arrays.
     for kind in (float, int, str):
         if isinstance(value, kind):
             return kind(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        return item()
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def _json_dumps(value: Any) -> str:
     # Non-string keys become strings, as with the json module; numpy scalars as numbers.
-    return orjson.dumps(
-        value,
-        default=_json_default,
-        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY,
-    ).decode()
+    try:
+        return orjson.dumps(
+            value,
+            default=_json_default,
+            option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY,
+        ).decode()
+    except orjson.JSONEncodeError:
+        # Integers past 64 bits (a raw webhook event may carry any number): the json
+        # module writes them exactly. Rare, so the slower path is fine.
+        return json.dumps(value, default=_json_default)
 
 
 #: Named in every warehouse error, so the operator knows what to fix.

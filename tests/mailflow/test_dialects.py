@@ -222,15 +222,24 @@ def test_json_columns_take_what_pandas_hands_over(warehouse_url: str) -> None:
     upgrade(warehouse_url)
     engine = make_engine(warehouse_url)
     row = {"open_cart_id": np.float64(206.0), "items": np.int64(4), "cart_total": math.nan}
+    raw = {"ledger_id": 10**30, "n": np.float64(1.5)}  # an event may carry any number
     try:
         with engine.begin() as conn:
             conn.execute(
-                insert(quarantine).values(
-                    trigger="weekly_digest", expectation="x", reason="y", row=row, created_at=NOW
-                )
+                insert(quarantine),
+                [
+                    {"trigger": "t", "expectation": "x", "reason": "y", "row": r, "created_at": NOW}
+                    for r in (row, raw)
+                ],
             )
         with engine.connect() as conn:
-            stored = conn.execute(select(quarantine.c.row)).scalar_one()
+            stored = list(
+                conn.execute(select(quarantine.c.row).order_by(quarantine.c.id)).scalars()
+            )
     finally:
         engine.dispose()
-    assert stored == {"open_cart_id": 206.0, "items": 4, "cart_total": None}
+    assert stored == [
+        {"open_cart_id": 206.0, "items": 4, "cart_total": None},
+        # Written exactly; orjson reads an integer past 64 bits back as a float.
+        {"ledger_id": float(10**30), "n": 1.5},
+    ]
