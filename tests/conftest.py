@@ -15,6 +15,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import warnings  # noqa: E402
 
+from sqlalchemy import Engine  # noqa: E402
 from starlette.exceptions import StarletteDeprecationWarning  # noqa: E402
 
 # Starlette's TestClient announces httpx as deprecated (in favour of httpx2) once, at
@@ -25,7 +26,7 @@ with warnings.catch_warnings():
     import starlette.testclient  # noqa: E402, F401
 
 from mailflow.settings import get_settings  # noqa: E402
-from mailflow.warehouse.engine import dispose_engines  # noqa: E402
+from mailflow.warehouse.engine import dispose_engines, make_engine  # noqa: E402
 from mailflow.warehouse.migrate import upgrade  # noqa: E402
 from tests.pgserver import (  # noqa: E402
     DatabaseFactory,
@@ -82,6 +83,14 @@ def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
         # Pooled connections first, so the drop rarely has anyone to force out.
         dispose_engines()
         databases.drop(url)
+
+
+@pytest.fixture
+def engine(warehouse_url: str) -> Iterator[Engine]:
+    """An engine of its own on ``warehouse_url``, disposed afterwards."""
+    eng = make_engine(warehouse_url)
+    yield eng
+    eng.dispose()
 
 
 @pytest.fixture

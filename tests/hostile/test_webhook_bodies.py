@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,7 +14,6 @@ import orjson
 import pytest
 from sqlalchemy import Engine, func, select
 
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import events, suppressions
 from mailflow.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, generate_keypair, sign
 from mailflow.webhook.server import running_webhook
@@ -141,13 +139,6 @@ CASES: list[tuple[str, bytes, str, int, int, set[str]]] = [
         {"long@example.com"},
     ),
 ]
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 def headers(raw: bytes, signing: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,7 +20,6 @@ from sqlalchemy import Engine, insert, select, text
 from mailflow.clock import utcnow
 from mailflow.metrics import DEFAULT_VARIANT, LATE_ORDERS, rollup
 from mailflow.report import COUNTS as COUNT_COLUMNS
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import (
     customers,
     events,
@@ -35,13 +33,6 @@ from mailflow.webhook.ingest import store_events
 WINDOW = timedelta(hours=72)
 # Sends over the last week, so that recent orders fall in the attribution window.
 T0 = (utcnow() - timedelta(days=6)).replace(minute=0, second=0, microsecond=0)
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 class World:

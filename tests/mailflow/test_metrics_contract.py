@@ -3,7 +3,6 @@ event's flag, and the views' rates against the report's one list of definitions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -13,20 +12,12 @@ from sqlalchemy import Engine, select, text
 
 from mailflow.metrics import rollup
 from mailflow.report import RATES, with_rates
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.migrate import alembic_config, upgrade
 from mailflow.warehouse.schema import events
 from mailflow.webhook.ingest import machine_open, normalise, store_events
 from tests.mailflow.test_metrics import build_world
 
 NOW = datetime(2026, 12, 1, 12, 0)
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 @pytest.mark.parametrize(

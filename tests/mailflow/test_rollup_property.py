@@ -15,7 +15,6 @@ rollup runs in between, in any order. After every run:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -31,7 +30,6 @@ from mailflow.clock import utcnow
 from mailflow.metrics import LATE_ORDERS, rollup
 from mailflow.metrics import TIME_COLUMNS as TIMES
 from mailflow.report import COUNTS
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import (
     customers,
     events,
@@ -97,13 +95,6 @@ history = st.lists(
     min_size=1,
     max_size=20,
 )
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 class History:

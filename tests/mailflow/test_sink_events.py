@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,7 +20,6 @@ from mailflow.sink import SinkConfig
 from mailflow.sink.events import DEFAULT_CLICK_URL, events_for, load_private_key
 from mailflow.sink.store import record_from_payload
 from mailflow.sink.testing import SinkHandle, running_sink
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import events, suppressions
 from mailflow.webhook import signing
 from mailflow.webhook.server import running_webhook
@@ -50,13 +49,6 @@ def payload(email: str, ledger_id: int) -> dict[str, Any]:
 def pem_keypair() -> tuple[str, str]:
     key, public_b64 = signing.generate_keypair()
     return signing.private_key_pem(key), public_b64
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -15,7 +15,6 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from mailflow.clock import utcnow
 from mailflow.errors import ConfigError
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import events, send_ledger, suppressions
 from mailflow.webhook import (
     EVENTS_PATH,
@@ -39,13 +38,6 @@ with warnings.catch_warnings():
 KEYS = generate_keypair()
 OTHER_KEYS = generate_keypair()
 T0 = 1_700_000_000
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -17,7 +16,6 @@ from sqlalchemy import Engine, select
 from mailflow import ledger
 from mailflow.settings import Settings
 from mailflow.unsubscribe import make_token
-from mailflow.warehouse.engine import make_engine
 from mailflow.warehouse.schema import events, suppressions
 from mailflow.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, generate_keypair, sign
 from mailflow.webhook.server import running_webhook
@@ -48,13 +46,6 @@ VECTOR_HEADERS = {
     TIMESTAMP_HEADER: SENDGRID_TIMESTAMP,
     "Content-Type": "application/json",
 }
-
-
-@pytest.fixture
-def engine(warehouse_url: str) -> Iterator[Engine]:
-    eng = make_engine(warehouse_url)
-    yield eng
-    eng.dispose()
 
 
 def suppressed(engine: Engine) -> list[tuple[str, str]]:
