@@ -1,5 +1,8 @@
 """The one pipeline every trigger runs: preflight → extract → validate → plan → send → record.
 
+Extract, validate and plan are one task that streams the audience chunk by chunk into the
+ledger; the send tasks get ledger ids, never rows.
+
 Called from inside a trigger's flow; it orders tasks and holds no business logic (that
 is in ``mailflow/pipeline``).
 """
@@ -17,12 +20,10 @@ from mailflow.pipeline.send import forget_abort
 from mailflow.pipeline.summary import RunSummary
 from mailflow.settings import get_settings
 from mailflow.triggers import get_trigger
-from tasks.extract import extract_recipients
-from tasks.plan import plan_messages
+from tasks.plan import prepare_messages
 from tasks.preflight import check_before_sending
 from tasks.record import record_summary
 from tasks.send import send_batch
-from tasks.validate import validate_recipients
 
 
 def send_planned(
@@ -86,14 +87,12 @@ def run_trigger(
     check_before_sending(trigger_name, started, override_guardrail)
 
     summary = RunSummary(trigger=trigger_name, flow_run_id=run_id)
-    extracted = extract_recipients(trigger_name, params, started)
-    validated = validate_recipients(trigger_name, extracted.frame, run_id, max_bad_share)
-    summary.audience(extracted.found, extracted.excluded, validated)
+    prepared = prepare_messages(trigger_name, params, started, run_id, max_bad_share, batch_size)
+    summary.audience(prepared.found, prepared.excluded, prepared.validated)
     error: MailflowError | None = None
-    if validated.gate_error:
-        error = DataQualityError(validated.gate_error)
+    if prepared.plan is None:
+        error = DataQualityError(str(prepared.validated.gate_error))
     else:
-        plan = plan_messages(trigger_name, validated.frame, params, run_id, batch_size)
-        summary.take_plan(plan)
-        error = send_planned(trigger_name, plan.batches, run_id)
+        summary.take_plan(prepared.plan)
+        error = send_planned(trigger_name, prepared.plan.batches, run_id)
     return finish(summary, started, error)

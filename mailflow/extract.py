@@ -138,11 +138,32 @@ class Extracted:
     excluded: dict[str, int]
 
 
-def _chunks(conn: Connection, stmt: Select[Any], size: int) -> Iterator[pd.DataFrame]:
-    result = conn.execution_options(stream_results=True, yield_per=size).execute(stmt)
+def count(conn: Connection, queries: ExtractQueries) -> tuple[int, dict[str, int]]:
+    """How many candidates were found, and how many were excluded by reason."""
+    excluded: dict[str, int] = {}
+    found = 0
+    for reason, n in conn.execute(queries.counts):
+        found += n
+        if reason is not None:
+            excluded[reason] = n
+    return found, excluded
+
+
+def eligible_chunks(conn: Connection, queries: ExtractQueries, size: int) -> Iterator[pd.DataFrame]:
+    """The eligible rows in priority order, ``size`` at a time, read as they are needed.
+
+    The warehouse streams the result (a server-side cursor on PostgreSQL; SQLite steps
+    through it), so only one chunk is in memory at a time. An empty result yields one
+    empty frame with the query's columns.
+    """
+    result = conn.execution_options(stream_results=True, yield_per=size).execute(queries.eligible)
     cols = list(result.keys())
+    empty = True
     for part in result.partitions(size):
+        empty = False
         yield pd.DataFrame.from_records(part, columns=cols)
+    if empty:
+        yield pd.DataFrame(columns=cols)
 
 
 def extract(
@@ -156,15 +177,6 @@ def extract(
 ) -> Extracted:
     """Run the trigger's query; returns eligible rows plus counts by exclusion reason."""
     queries = build_queries(trigger, now, params, frequency_cap=frequency_cap)
-    excluded: dict[str, int] = {}
-    found = 0
-    for reason, n in conn.execute(queries.counts):
-        found += n
-        if reason is not None:
-            excluded[reason] = n
-    frames = list(_chunks(conn, queries.eligible, chunk_size))
-    if frames:
-        frame = pd.concat(frames, ignore_index=True)
-    else:
-        frame = pd.DataFrame(columns=[c.name for c in queries.eligible.selected_columns])
+    found, excluded = count(conn, queries)
+    frame = pd.concat(list(eligible_chunks(conn, queries, chunk_size)), ignore_index=True)
     return Extracted(frame=frame, found=found, excluded=excluded)

@@ -34,7 +34,18 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, exists, func, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailflow.clock import utcnow
@@ -46,6 +57,7 @@ from mailflow.warehouse.schema import events, ledger_history, run_stops, send_le
 class Status(StrEnum):
     """The state of one ledger row (``mf_send_ledger.status``)."""
 
+    HELD = "held"  # planned by a run whose audience is still being validated; not yet sendable
     PLANNED = "planned"  # written before sending; safe to send
     SENDING = "sending"  # claimed by a run; never sent again by another
     SENT = "sent"  # accepted by the provider (202), with its message id
@@ -56,7 +68,7 @@ class Status(StrEnum):
 
 
 #: States in which a row counts as "this recipient has heard (or will hear) from us".
-NOTIFIED = (Status.PLANNED, Status.SENDING, Status.SENT, Status.UNKNOWN)
+NOTIFIED = (Status.HELD, Status.PLANNED, Status.SENDING, Status.SENT, Status.UNKNOWN)
 
 #: The reason on rows a run hands back when it stops on a refused key.
 STOPPED_REASON = "not sent: run stopped"
@@ -133,12 +145,19 @@ class ClaimedMessage:
 
 
 def plan(
-    conn: Connection, trigger: str, messages: Iterable[PlannedMessage], *, flow_run_id: str | None
+    conn: Connection,
+    trigger: str,
+    messages: Iterable[PlannedMessage],
+    *,
+    flow_run_id: str | None,
+    status: Status = Status.PLANNED,
 ) -> int:
     """Write a ``planned`` row per message; keys already in the ledger are left alone.
 
-    Returns the number of rows offered (conflicting keys are silently kept as they were:
-    they belong to an earlier or concurrent run, which settles them).
+    With ``status=HELD`` the rows wait for the run's data-quality gate
+    (:func:`promote_held` or :func:`withdraw_held`). Returns the number of rows offered
+    (conflicting keys are silently kept as they were: they belong to an earlier or
+    concurrent run, which settles them).
     """
     now = utcnow()
     stmt = insert_ignoring_conflicts(conn, send_ledger)
@@ -152,7 +171,7 @@ def plan(
                 "customer_id": m.customer_id,
                 "email": m.email,
                 "variant": m.variant,
-                "status": Status.PLANNED,
+                "status": status,
                 "attempts": 0,
                 "context": dict(m.context),
                 "flow_run_id": flow_run_id,
@@ -168,6 +187,41 @@ def plan(
         conn.execute(stmt, chunk)
         offered += len(chunk)
     return offered
+
+
+def _held(trigger: str, flow_run_id: str | None) -> ColumnElement[bool]:
+    cols = send_ledger.c
+    run = cols.flow_run_id.is_(None) if flow_run_id is None else cols.flow_run_id == flow_run_id
+    return and_(cols.trigger == trigger, cols.status == Status.HELD, run)
+
+
+def promote_held(conn: Connection, trigger: str, flow_run_id: str | None) -> int:
+    """The run's gate passed: its held rows become ``planned`` (sendable). How many."""
+    result = conn.execute(
+        update(send_ledger)
+        .where(_held(trigger, flow_run_id))
+        .values(status=Status.PLANNED, updated_at=utcnow())
+    )
+    return result.rowcount
+
+
+def withdraw_held(conn: Connection, trigger: str, flow_run_id: str | None) -> int:
+    """The run's gate failed: delete its held rows (nothing was sent), so a later run
+    extracts and validates those recipients afresh. How many."""
+    return conn.execute(delete(send_ledger).where(_held(trigger, flow_run_id))).rowcount
+
+
+def clear_stale_holds(conn: Connection, trigger: str, flow_run_id: str | None) -> int:
+    """Delete held rows a stopped run left: an earlier attempt of this run (a Prefect flow
+    retry keeps its id), or any run whose hold is older than :data:`LEASE`. Nothing was
+    sent for them; this run extracts and validates them again. How many."""
+    cols = send_ledger.c
+    stale = cols.updated_at < utcnow() - LEASE
+    if flow_run_id is not None:
+        stale = or_(stale, cols.flow_run_id == flow_run_id)
+    return conn.execute(
+        delete(send_ledger).where(cols.trigger == trigger, cols.status == Status.HELD, stale)
+    ).rowcount
 
 
 def planned_ids(conn: Connection, trigger: str) -> list[int]:

@@ -15,6 +15,9 @@ Semantics worth knowing:
   normalisation, the first occurrence in frame order (the trigger orders rows by priority) is
   kept and later ones are quarantined. Rows already bad for another rule are never the kept one,
   so a recipient whose top-priority row is broken still gets their next row.
+- A run's audience may be validated in chunks (in priority order): GX checks uniqueness within
+  each chunk, and a :class:`SeenValues` passed to every call carries the values kept by earlier
+  chunks, so a value repeated across chunks is quarantined exactly as within one.
 
 GX is imported and its context built lazily, once per process, on first use: the import alone
 takes seconds, and trigger modules import this one just to declare their suites.
@@ -27,6 +30,7 @@ import math
 import os
 import threading
 import warnings
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -51,6 +55,7 @@ __all__ = [
     "QUARANTINE_TABLE",
     "SUPPORTED_LOCALES",
     "Rule",
+    "SeenValues",
     "Suite",
     "ValidationOutcome",
     "Violation",
@@ -228,6 +233,11 @@ class Suite:
                 )
             seen.add(rule.name)
 
+    @property
+    def streamable(self) -> bool:
+        """Whether the suite can judge an audience chunk by chunk (see :class:`SeenValues`)."""
+        return all(rule.keep == "first" for rule in self.rules if rule.kind == "unique")
+
 
 def recipient_suite(
     name: str,
@@ -284,13 +294,108 @@ class ValidationOutcome:
         return self.bad_rows / self.total_rows if self.total_rows else 0.0
 
 
-def validate_frame(df: pd.DataFrame, suite: Suite, *, key_column: str) -> ValidationOutcome:
+class SeenValues:
+    """The values each ``unique`` rule kept in earlier chunks of one audience.
+
+    Per rule, a sorted array of 64-bit hashes of the kept values, and the values with the
+    kept rows' keys packed into one byte string: about 16 bytes plus the text per value
+    rather than several Python objects, so a million recipients cost tens of megabytes, not
+    hundreds. A hash match is confirmed by comparing the values, so a collision never
+    quarantines a row.
+    """
+
+    def __init__(self) -> None:
+        self._rules: dict[int, _KeptValues] = {}
+
+    def find(self, rule_index: int, values: np.ndarray, mask: np.ndarray) -> dict[int, str]:
+        """Positions (among ``mask``) whose value an earlier chunk kept → the kept row's key."""
+        kept = self._rules.get(rule_index)
+        if kept is None:
+            return {}
+        positions, texts = _present(values, mask)
+        return kept.find(positions, texts)
+
+    def add(self, rule_index: int, values: np.ndarray, keys: np.ndarray, mask: np.ndarray) -> None:
+        """Remember the values of the rows in ``mask`` (this chunk's good rows)."""
+        positions, texts = _present(values, mask)
+        if positions.size:
+            keep = self._rules.setdefault(rule_index, _KeptValues())
+            keep.add(texts, [_key_text(keys[p]) for p in positions.tolist()])
+
+
+def _present(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Positions in ``mask`` with a non-null value, and those values as text."""
+    positions = np.flatnonzero(mask & ~pd.isna(values))
+    return positions, [str(v) for v in values[positions].tolist()]
+
+
+def _hash(texts: list[str]) -> np.ndarray:
+    return pd.util.hash_array(np.array(texts, dtype=object)).astype(np.uint64)
+
+
+def _utf8(text: str) -> bytes:
+    # A lone surrogate (hostile input) must round-trip too.
+    return text.encode("utf-8", "surrogatepass")
+
+
+class _KeptValues:
+    """One rule's kept values: sorted hashes → entry numbers → (value, key) in one blob."""
+
+    def __init__(self) -> None:
+        self._hashes = np.empty(0, dtype=np.uint64)
+        self._entries = np.empty(0, dtype=np.int64)
+        self._blob = bytearray()
+        self._ends = array("q")  # per entry: end of its value, end of its key (8 bytes each)
+
+    def _entry(self, n: int) -> tuple[str, str]:
+        start = self._ends[2 * n - 1] if n else 0
+        mid, end = self._ends[2 * n], self._ends[2 * n + 1]
+        value = self._blob[start:mid].decode("utf-8", "surrogatepass")
+        return value, self._blob[mid:end].decode("utf-8", "surrogatepass")
+
+    def find(self, positions: np.ndarray, texts: list[str]) -> dict[int, str]:
+        if not texts or not self._hashes.size:
+            return {}
+        hashes = _hash(texts)
+        lo = np.searchsorted(self._hashes, hashes, side="left")
+        hi = np.searchsorted(self._hashes, hashes, side="right")
+        found: dict[int, str] = {}
+        for i in np.flatnonzero(hi > lo).tolist():
+            for n in self._entries[lo[i] : hi[i]].tolist():
+                value, key = self._entry(n)
+                if value == texts[i]:
+                    found[int(positions[i])] = key
+                    break
+        return found
+
+    def add(self, texts: list[str], keys: list[str]) -> None:
+        first = len(self._ends) // 2
+        for value, key in zip(texts, keys, strict=True):
+            self._blob += _utf8(value)
+            self._ends.append(len(self._blob))
+            self._blob += _utf8(key)
+            self._ends.append(len(self._blob))
+        hashes = _hash(texts)
+        order = np.argsort(hashes, kind="stable")
+        hashes = hashes[order]
+        entries = np.arange(first, first + len(texts), dtype=np.int64)[order]
+        at = np.searchsorted(self._hashes, hashes, side="right")
+        self._hashes = np.insert(self._hashes, at, hashes)
+        self._entries = np.insert(self._entries, at, entries)
+
+
+def validate_frame(
+    df: pd.DataFrame, suite: Suite, *, key_column: str, seen: SeenValues | None = None
+) -> ValidationOutcome:
     """Run ``suite`` over ``df`` with GX and split the rows into good ones and violations.
 
     Args:
         df: one row per planned message, as extracted.
         suite: the trigger's rules.
         key_column: the column holding each row's dedupe key; reported as ``row_key``.
+        seen: when ``df`` is one chunk of a larger audience (validated in order), the values
+            earlier chunks kept for each ``unique`` rule; updated with this chunk's. A
+            ``keep="last"`` rule cannot be judged chunk by chunk (raises ``ConfigError``).
 
     Raises:
         ConfigError: ``key_column`` or a rule's column is not in the frame.
@@ -298,6 +403,11 @@ def validate_frame(df: pd.DataFrame, suite: Suite, *, key_column: str) -> Valida
             column), so no row can be trusted.
     """
     _check_columns(df, suite, key_column)
+    if seen is not None and not suite.streamable:
+        raise ConfigError(
+            f"suite {suite.name!r} has a unique rule with keep='last', which needs the whole "
+            "audience at once; validate it in one frame (seen=None)"
+        )
     counts = {rule.name: 0 for rule in suite.rules}
     total = len(df)
     if total == 0 or not suite.rules:
@@ -324,17 +434,33 @@ def validate_frame(df: pd.DataFrame, suite: Suite, *, key_column: str) -> Valida
             bad[found] = True
 
     # Uniqueness last and in declaration order: a row already bad is never the kept occurrence.
-    kept_of: dict[int, dict[int, int]] = {}
+    # kept_key_of[rule index][position] = the key of the row sent instead of that one.
+    kept_key_of: dict[int, dict[int, str]] = {}
     for spec in unique_specs:
         slot = (spec.rule_index, spec.expectation_type)
-        if (flagged := failed.get(slot)) is None:
-            continue
         normalised = work[_norm_column(spec.rule_index, suite)].to_numpy()
-        keep = suite.rules[spec.rule_index].keep
-        dupes, kept = _apply_keep_policy(flagged, bad, normalised, keep=keep)
-        failed[slot] = dupes
-        kept_of[spec.rule_index] = kept
-        bad[dupes] = True
+        kept_keys: dict[int, str] = {}
+        if seen is not None:
+            # Values an earlier chunk already sent: every occurrence here is a duplicate.
+            earlier = seen.find(spec.rule_index, normalised, ~bad)
+            kept_keys.update(earlier)
+            bad[list(earlier)] = True
+        dupes = np.array(sorted(kept_keys), dtype=np.int64)
+        if (flagged := failed.get(slot)) is not None:
+            keep = suite.rules[spec.rule_index].keep
+            within, kept = _apply_keep_policy(flagged, bad, normalised, keep=keep)
+            kept_keys.update((pos, _key_text(keys_at[k])) for pos, k in kept.items())
+            dupes = np.union1d(dupes, within)
+            bad[within] = True
+        if dupes.size:
+            failed[slot] = dupes
+        else:
+            failed.pop(slot, None)
+        kept_key_of[spec.rule_index] = kept_keys
+        if seen is not None:
+            # The rule's kept rows, as one frame would keep them: a later rule may still
+            # quarantine one, and its value stays taken (the same as within a chunk).
+            seen.add(spec.rule_index, normalised, keys_at, ~bad)
 
     violations: list[tuple[int, int, Violation]] = []
     for (rule_index, expectation_type), positions in failed.items():
@@ -346,8 +472,7 @@ def validate_frame(df: pd.DataFrame, suite: Suite, *, key_column: str) -> Valida
             if expectation_type == _NOT_NULL:
                 reason = _reason_null(rule)
             elif rule.kind == "unique":
-                kept_key = _key_text(keys_at[kept_of[rule_index][pos]])
-                reason = _reason_duplicate(rule, value, kept_key)
+                reason = _reason_duplicate(rule, value, kept_key_of[rule_index][pos])
             else:
                 reason = _reason(rule, value)
             violation = Violation(

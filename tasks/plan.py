@@ -1,37 +1,68 @@
-"""Plan stage: a ledger row per message before anything is sent, then batches of ids."""
+"""Plan stage: extract → validate → a ledger row per message, chunk by chunk; then batches."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from mailflow.pipeline import plan, resources
-from mailflow.pipeline.plan import Plan
+from mailflow.pipeline.plan import Plan, Prepared
 from mailflow.triggers import get_trigger
 
 
-@task(name="plan", cache_policy=NONE, persist_result=False)
-def plan_messages(
+@task(name="extract-validate-plan", cache_policy=NONE, persist_result=False)
+def prepare_messages(
     trigger_name: str,
-    frame: pd.DataFrame,
     params: dict[str, Any],
+    now: datetime,
     flow_run_id: str | None,
+    max_bad_share: float,
     batch_size: int,
-) -> Plan:
-    """Write ``planned`` ledger rows for ``frame``; the ids to send, in batches."""
-    result = plan.plan(
+) -> Prepared:
+    """Stream the trigger's audience through validation into the ledger (see ``plan.prepare``).
+
+    Returns the counts and the batches of ledger ids: the rows themselves stay in the
+    warehouse, so the task's memory does not grow with the audience.
+    """
+    result = plan.prepare(
         resources.current(),
         get_trigger(trigger_name),
-        frame,
         params,
+        now,
         flow_run_id=flow_run_id,
+        max_bad_share=max_bad_share,
         batch_size=batch_size,
     )
-    log_plan(trigger_name, result, batch_size)
+    log_audience(trigger_name, result)
+    if result.plan is not None:
+        log_plan(trigger_name, result.plan, batch_size)
     return result
+
+
+def log_audience(trigger_name: str, result: Prepared) -> None:
+    """What extraction and validation found, in the run's log."""
+    logger = get_run_logger()
+    excluded = sum(result.excluded.values())
+    logger.info(
+        "%s: found %d candidates, %d eligible; excluded: %s",
+        trigger_name,
+        result.found,
+        result.found - excluded,
+        ", ".join(f"{k}={v}" for k, v in sorted(result.excluded.items())) or "none",
+    )
+    validated = result.validated
+    if validated.all_bad:
+        logger.warning(
+            "%s: quarantined %d new rows (%s); %d quarantined earlier are still bad "
+            "— see table mf_quarantine",
+            trigger_name,
+            validated.bad_rows,
+            ", ".join(f"{k}={n}" for k, n in sorted(validated.quarantined.items())) or "none",
+            validated.still_quarantined,
+        )
 
 
 def log_plan(trigger_name: str, result: Plan, batch_size: int) -> None:

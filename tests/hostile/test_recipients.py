@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import select
 
 from mailflow.clock import utcnow
-from mailflow.pipeline import audience, resources
-from mailflow.pipeline.plan import plan
+from mailflow.pipeline import resources
+from mailflow.pipeline.plan import prepare
 from mailflow.pipeline.send import send_batch
 from mailflow.triggers import get_trigger
 from mailflow.warehouse.schema import quarantine
@@ -85,10 +85,19 @@ NAMES: list[tuple[str | None, str | None, str | None]] = [
 
 
 def run_pipeline(res: resources.Resources) -> None:
-    found = audience.find(res, CART, PARAMS, utcnow())
-    valid = audience.validate(res, CART, found.frame, flow_run_id="h1", max_bad_share=1.0)
-    batches = plan(res, CART, valid.frame, PARAMS, flow_run_id="h1", batch_size=100).batches
-    for ids in batches:
+    # The path a trigger's run takes: streamed in chunks of 7, so repeats cross chunks.
+    prepared = prepare(
+        res,
+        CART,
+        PARAMS,
+        utcnow(),
+        flow_run_id="h1",
+        max_bad_share=1.0,
+        batch_size=100,
+        chunk_size=7,
+    )
+    assert prepared.plan is not None
+    for ids in prepared.plan.batches:
         asyncio.run(send_batch(res, CART, ids, flow_run_id="h1"))
 
 

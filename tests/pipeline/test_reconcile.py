@@ -23,8 +23,8 @@ from sqlalchemy import insert, select, update
 from mailflow import ledger
 from mailflow.clock import utcnow
 from mailflow.metrics import rollup
-from mailflow.pipeline import audience, reconcile, resources
-from mailflow.pipeline.plan import Plan, plan
+from mailflow.pipeline import reconcile, resources
+from mailflow.pipeline.plan import Plan, prepare
 from mailflow.pipeline.send import send_batch
 from mailflow.settings import get_settings
 from mailflow.sink.testing import SinkHandle
@@ -71,9 +71,11 @@ def with_settings(**changes: Any) -> resources.Resources:
 def plan_run(res: resources.Resources, trigger: Trigger, run: str) -> Plan:
     """Find, validate and plan one run of ``trigger`` (nothing sent yet)."""
     params = trigger.params({})
-    found = audience.find(res, trigger, params, utcnow())
-    valid = audience.validate(res, trigger, found.frame, flow_run_id=run, max_bad_share=1.0)
-    return plan(res, trigger, valid.frame, params, flow_run_id=run, batch_size=100)
+    prepared = prepare(
+        res, trigger, params, utcnow(), flow_run_id=run, max_bad_share=1.0, batch_size=100
+    )
+    assert prepared.plan is not None
+    return prepared.plan
 
 
 def send_all(res: resources.Resources, trigger: Trigger, p: Plan, run: str) -> None:
