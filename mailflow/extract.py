@@ -161,7 +161,8 @@ def eligible_chunks(conn: Connection, queries: ExtractQueries, size: int) -> Ite
     empty = True
     for part in result.partitions(size):
         empty = False
-        yield pd.DataFrame.from_records(part, columns=cols)
+        # Plain tuples: pandas inspects each Row object otherwise, 5× slower.
+        yield pd.DataFrame.from_records([tuple(row) for row in part], columns=cols)
     if empty:
         yield pd.DataFrame(columns=cols)
 
