@@ -471,31 +471,52 @@ def settle_stale(
     )
 
 
+# The send path's statements, built once: a batch runs them once per group of
+# ``MAILFLOW_SETTLE_EVERY`` rows, and building a Core statement (coercing each clause,
+# then its cache key) cost more than SQLite took to run it. Values are bound per call.
+_cols = send_ledger.c
+_CLAIM = (
+    update(send_ledger)
+    .where(_cols.id.in_(bindparam("b_ids", expanding=True)), _cols.status == Status.PLANNED)
+    .values(
+        status=Status.SENDING,
+        attempts=_cols.attempts + 1,
+        claimed_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        flow_run_id=bindparam("b_run"),
+    )
+    .returning(
+        _cols.id, _cols.dedupe_key, _cols.email, _cols.customer_id, _cols.variant, _cols.context
+    )
+)
+_SETTLE = (
+    update(send_ledger)
+    .where(_cols.id == bindparam("b_id"), _cols.status == Status.SENDING)
+    .values(
+        status=bindparam("b_status"),
+        reason=bindparam("b_reason"),
+        provider_message_id=bindparam("b_message_id"),
+        sent_at=bindparam("b_sent_at"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_RELEASE = (
+    update(send_ledger)
+    .where(_cols.id.in_(bindparam("b_ids", expanding=True)), _cols.status == Status.SENDING)
+    .values(status=Status.PLANNED, reason=bindparam("b_reason"), updated_at=bindparam("b_now"))
+)
+
+
 def claim(conn: Connection, ids: Sequence[int], *, flow_run_id: str | None) -> list[ClaimedMessage]:
     """Take the ``planned`` rows among ``ids`` for this run; rows others hold are skipped."""
     now = utcnow()
     claimed: list[ClaimedMessage] = []
-    cols = send_ledger.c
     for start in range(0, len(ids), _CHUNK):
-        part = list(ids[start : start + _CHUNK])
         rows = conn.execute(
-            update(send_ledger)
-            .where(cols.id.in_(part), cols.status == Status.PLANNED)
-            .values(
-                status=Status.SENDING,
-                attempts=cols.attempts + 1,
-                claimed_at=now,
-                updated_at=now,
-                flow_run_id=flow_run_id,
-            )
-            .returning(
-                cols.id, cols.dedupe_key, cols.email, cols.customer_id, cols.variant, cols.context
-            )
+            _CLAIM,
+            {"b_ids": list(ids[start : start + _CHUNK]), "b_now": now, "b_run": flow_run_id},
         )
-        claimed.extend(
-            ClaimedMessage(r.id, r.dedupe_key, r.email, r.customer_id, r.variant, r.context)
-            for r in rows
-        )
+        claimed.extend(ClaimedMessage(*row) for row in rows)
     claimed.sort(key=lambda c: c.id)
     return claimed
 
@@ -516,20 +537,7 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
     event has already arrived — events can beat a late answer — is confirmed by the
     caller right after this commits: :func:`confirm_by_events`.)
     """
-    results = list(results)
     now = utcnow()
-    cols = send_ledger.c
-    stmt = (
-        update(send_ledger)
-        .where(cols.id == bindparam("b_id"), cols.status == Status.SENDING)
-        .values(
-            status=bindparam("b_status"),
-            reason=bindparam("b_reason"),
-            provider_message_id=bindparam("b_message_id"),
-            sent_at=bindparam("b_sent_at"),
-            updated_at=now,
-        )
-    )
     params = [
         {
             "b_id": r.ledger_id,
@@ -537,11 +545,12 @@ def settle(conn: Connection, results: Iterable[SendResult]) -> None:
             "b_reason": r.reason,
             "b_message_id": r.message_id,
             "b_sent_at": now if r.outcome is Outcome.SENT else None,
+            "b_now": now,
         }
         for r in results
     ]
     for start in range(0, len(params), _CHUNK):
-        conn.execute(stmt, params[start : start + _CHUNK])
+        conn.execute(_SETTLE, params[start : start + _CHUNK])
 
 
 def release(conn: Connection, ids: Sequence[int], *, reason: str) -> None:
@@ -549,12 +558,10 @@ def release(conn: Connection, ids: Sequence[int], *, reason: str) -> None:
     if not ids:
         return
     now = utcnow()
-    cols = send_ledger.c
     for start in range(0, len(ids), _CHUNK):
         conn.execute(
-            update(send_ledger)
-            .where(cols.id.in_(list(ids[start : start + _CHUNK])), cols.status == Status.SENDING)
-            .values(status=Status.PLANNED, reason=reason, updated_at=now)
+            _RELEASE,
+            {"b_ids": list(ids[start : start + _CHUNK]), "b_reason": reason, "b_now": now},
         )
 
 
