@@ -25,12 +25,13 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
 
 import aiohttp
 import orjson
 from pydantic import SecretStr
+from yarl import URL
 
 from mailflow import __version__
 from mailflow.errors import FatalRunError
@@ -64,6 +65,15 @@ def display_name(value: str | None) -> str | None:
     """
     if value is None:
         return None
+    if (
+        len(value) <= MAX_NAME_CHARS
+        and value.isprintable()  # no control characters, no whitespace but " "
+        and "  " not in value
+        and "," not in value
+        and ";" not in value
+        and value.strip() == value
+    ):
+        return value or None  # already what the steps below would make of it
     name = " ".join(_CONTROL.sub(" ", value).split())[:MAX_NAME_CHARS].strip()
     if not name:
         return None
@@ -72,16 +82,31 @@ def display_name(value: str | None) -> str | None:
     return name
 
 
-def build_payload(
-    msg: OutboundMessage, *, from_email: str, from_name: str | None
-) -> dict[str, Any]:
-    """The ``/v3/mail/send`` body for one message (one personalization, one recipient)."""
-    to: dict[str, str] = {"email": msg.to_email}
-    if name := display_name(msg.to_name):
-        to["name"] = name
+def sender_object(from_email: str, from_name: str | None) -> dict[str, str]:
+    """The ``from`` object of every payload for this sender."""
     sender: dict[str, str] = {"email": from_email}
     if name := display_name(from_name):
         sender["name"] = name
+    return sender
+
+
+def build_payload(
+    msg: OutboundMessage,
+    *,
+    from_email: str,
+    from_name: str | None,
+    sender: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``/v3/mail/send`` body for one message (one personalization, one recipient).
+
+    ``sender``: the ``from`` object made once by :func:`sender_object` (a mailer sends
+    thousands of payloads for one sender); None makes it from ``from_email``/``from_name``.
+    """
+    to: dict[str, str] = {"email": msg.to_email}
+    if name := display_name(msg.to_name):
+        to["name"] = name
+    if sender is None:
+        sender = sender_object(from_email, from_name)
     personalization: dict[str, Any] = {"to": [to]}
     if msg.custom_args:
         personalization["custom_args"] = msg.custom_args
@@ -148,10 +173,12 @@ class SendGridMailer:
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 20.0,
     ) -> None:
-        self._url = host.rstrip("/") + SEND_PATH
+        # Parsed once: aiohttp parses a str URL again on every request.
+        self._url = URL(host.rstrip("/") + SEND_PATH)
         self._api_key = api_key
         self._from_email = from_email
         self._from_name = from_name
+        self._sender = sender_object(from_email, from_name)
         self._concurrency = concurrency
         self._pool_size = concurrency if pool_size is None else pool_size
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
@@ -161,7 +188,7 @@ class SendGridMailer:
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:  # never show the key
-        return f"SendGridMailer(url={self._url!r})"
+        return f"SendGridMailer(url={str(self._url)!r})"
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -217,13 +244,22 @@ class SendGridMailer:
         """
         session = await self._get_session()
         settled: list[SendResult] = []
-        source = _as_async(messages)
-        draw = asyncio.Lock()  # one worker at a time advances the source
+        if isinstance(messages, AsyncIterable):
+            source = aiter(messages)
+            draw = asyncio.Lock()  # one worker at a time advances the source
+
+            async def take() -> OutboundMessage | None:
+                async with draw:
+                    return await anext(source, None)
+        else:
+            plain = iter(messages)
+
+            async def take() -> OutboundMessage | None:
+                return next(plain, None)  # no await: no other worker runs meanwhile
 
         async def worker() -> None:
             while True:
-                async with draw:
-                    msg = await anext(source, None)
+                msg = await take()
                 if msg is None:
                     return
                 result = await self._send_one(session, msg)
@@ -243,7 +279,9 @@ class SendGridMailer:
 
     async def _send_one(self, session: aiohttp.ClientSession, msg: OutboundMessage) -> SendResult:
         body = orjson.dumps(
-            build_payload(msg, from_email=self._from_email, from_name=self._from_name)
+            build_payload(
+                msg, from_email=self._from_email, from_name=self._from_name, sender=self._sender
+            )
         )
         reason = ""
         status: int | None = None
@@ -308,14 +346,3 @@ class SendGridMailer:
             reason=f"gave up after {self._max_attempts} attempts: {reason}",
             attempts=self._max_attempts,
         )
-
-
-async def _as_async(
-    messages: Iterable[OutboundMessage] | AsyncIterable[OutboundMessage],
-) -> AsyncIterator[OutboundMessage]:
-    if isinstance(messages, AsyncIterable):
-        async for msg in messages:
-            yield msg
-    else:
-        for msg in messages:
-            yield msg

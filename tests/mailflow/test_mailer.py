@@ -147,6 +147,13 @@ def test_the_key_never_shows_in_repr() -> None:
         ("Ann\r\nBcc: evil@example.com", "Ann Bcc: evil@example.com"),
         ("  \t ", None),
         ("x" * 500, "x" * 128),
+        # Names already clean are sent as they are; anything else goes through the cleanup.
+        ("Ann Smith", "Ann Smith"),
+        ("Zoë O'Brien-Łukasz", "Zoë O'Brien-Łukasz"),
+        (" Ann  Smith ", "Ann Smith"),
+        ("Ann\u00a0Smith", "Ann Smith"),
+        ("Ann\x7fSmith", "Ann Smith"),
+        ("", None),
     ],
 )
 def test_names_go_out_the_way_sendgrid_accepts_them(
