@@ -90,6 +90,10 @@ IDLE = frozenset(
         "futures/thread.py:_worker",
         "python3.11/threading.py:wait",
         "python3.11/queue.py:get",
+        # The send loop's thread seen in uvloop's C code (polling, or between callbacks):
+        # its CPU since the last sample went mostly to the Python callbacks that ran
+        # meanwhile (render, HTTP, settle), so it is booked to the last one seen.
+        "mailer/pool.py:_serve",
     }
 )
 
