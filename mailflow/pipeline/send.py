@@ -183,6 +183,7 @@ class _Feed:
         self.deferred: list[int] = []
         # Claimed but never handed to the mailer (the batch stopped early): back to planned.
         self.unsent: list[int] = []
+        self.handed: set[int] = set()  # ids of the messages handed to the mailer
         self._ahead: asyncio.Future[list[ledger.ClaimedMessage]] | None = None
 
     def _claim(self, ids: list[int]) -> list[ledger.ClaimedMessage]:
@@ -236,7 +237,14 @@ class _Feed:
                         SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
                     )
                     continue
+                self.handed.add(c.id)
                 yield msg
+
+    def never_handed(self) -> list[int]:
+        """Rows claimed (or claimed ahead) whose message never reached the mailer and
+        that nothing else settles: safe to send again."""
+        done = self.handed | set(self.deferred) | {r.ledger_id for r in self.unrendered}
+        return [i for i in self.claimed if i not in done] + self.unsent
 
 
 async def send_batch(
@@ -289,6 +297,19 @@ async def send_batch(
             )
             ledger.mark_stopped(conn, flow_run_id, str(exc))
         raise FatalRunError(str(exc)) from None
+    except BaseException:
+        # Anything else (the warehouse went away, the network, a cancelled task): write
+        # the answers already in, and give back the rows whose message never reached the
+        # mailer, if the warehouse still lets us. A message handed to the mailer without
+        # an answer stays in ``sending`` (it may have gone out): the lease and
+        # reconciliation settle it, as after a crash.
+        with contextlib.suppress(Exception):
+            await settler.drain()
+        with contextlib.suppress(Exception), res.engine.begin() as conn:
+            ledger.settle(conn, feed.unrendered)
+            ledger.release(conn, feed.deferred, reason=DEFERRED_REASON)
+            ledger.release(conn, feed.never_handed(), reason=STOPPED_REASON)
+        raise
 
     await settler.drain()
     if not feed.claimed:

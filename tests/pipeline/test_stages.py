@@ -142,6 +142,53 @@ def test_a_refused_key_stops_the_run_and_hands_rows_back(env: Any, sink: Any) ->
     assert later.claimed == 0 and statuses(res) == {"planned": 3}
 
 
+class LosesNetworkAfter:
+    """The real mailer of a process that loses its network after ``n`` messages."""
+
+    def __init__(self, inner: Any, n: int) -> None:
+        self.inner, self.n = inner, n
+
+    async def send_many(self, messages: Any, on_result: Any = None) -> Any:
+        async def first_n() -> Any:
+            handed = 0
+            async for message in messages:
+                if handed == self.n:
+                    await asyncio.sleep(0.5)  # the requests in flight are answered
+                    raise OSError("Network is unreachable")
+                handed += 1
+                yield message
+
+        return await self.inner.send_many(first_n(), on_result=on_result)
+
+
+def test_a_batch_that_fails_midway_writes_its_answers_and_gives_back_what_it_never_sent(
+    env: Any, sink: Any
+) -> None:
+    res = resources.Resources(
+        settings=get_settings().model_copy(update={"settle_every": 5}),
+        engine=resources.current().engine,
+        renderer=resources.current().renderer,
+    )
+    build_shop(res.engine, [Shopper(email=f"user{i}@example.com") for i in range(20)])
+    ids = sum(planned(res, batch_size=20), [])
+
+    async def send() -> None:
+        mailer = res.mailer()
+        try:
+            await send_batch(res, CART, ids, flow_run_id="r1", mailer=LosesNetworkAfter(mailer, 5))
+        finally:
+            await mailer.aclose()
+
+    with pytest.raises(ExceptionGroup) as raised:  # from the mailer's task group
+        asyncio.run(send())
+    assert raised.group_contains(OSError, match="unreachable")
+    # The five answered are sent. The sixth reached the mailer unanswered: it may have
+    # gone out, so it waits for reconciliation. The rest of its group and the group
+    # claimed ahead never reached the mailer: planned again, like the ones never claimed.
+    assert statuses(res) == {"sent": 5, "sending": 1, "planned": 14}
+    assert len(sent_per_ledger_id(sink)) == 5
+
+
 def test_complete_counts_from_the_ledger_and_flags_what_is_pending(env: Any) -> None:
     res = resources.current()
     shop(res)
