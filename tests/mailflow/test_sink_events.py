@@ -6,6 +6,7 @@ verifies the signatures and stores into a migrated SQLite warehouse (no mocks).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from sqlalchemy import Engine, select
 
 from mailflow.errors import ConfigError
 from mailflow.sink import SinkConfig
-from mailflow.sink.events import DEFAULT_CLICK_URL, events_for, load_private_key
+from mailflow.sink.events import DEFAULT_CLICK_URL, EventEmitter, events_for, load_private_key
 from mailflow.sink.store import record_from_payload
 from mailflow.sink.testing import SinkHandle, running_sink
 from mailflow.warehouse.schema import events, suppressions
@@ -222,6 +223,45 @@ def test_outcomes_are_deterministic_and_carry_sendgrid_fields() -> None:
         assert e["category"] == ["abandoned_cart"] and e["smtp-id"]
     assert len({e["sg_event_id"] for e in first}) == len(first)
     assert {e["ledger_id"] for e in first} == {"0", "1", "2", "3"}
+
+
+def test_a_seeded_sink_gives_each_message_its_outcome_whatever_the_arrival_order() -> None:
+    """Concurrent batches reach the sink in any order; a seeded sink must still bounce,
+    open and unsubscribe the same messages (a shared RNG would hand the draws out by
+    arrival, so which recipient bounced changed from run to run)."""
+    config = SinkConfig.build(
+        webhook_url="http://127.0.0.1:9/e",
+        events_seed=3,
+        bounce_rate=0.2,
+        unsubscribe_rate=0.2,
+        spam_rate=0.2,
+        machine_open_rate=0.3,
+    )
+    records = []
+    for i in range(60):
+        body = orjson.dumps(payload(f"n{i}@x.io", i))
+        records.append(
+            record_from_payload(orjson.loads(body), body, message_id=f"M{i}", received_ts=1e9)
+        )
+
+    async def outcomes(order: list[int]) -> dict[str, list[str]]:
+        heard: dict[str, list[str]] = {}
+        emitter = EventEmitter(
+            config, lambda email, name, _ts: heard.setdefault(email, []).append(name)
+        )
+        for i in order:
+            emitter.on_accept(records[i])
+        await emitter.aclose(timeout=0)
+        return heard
+
+    forward = asyncio.run(outcomes(list(range(60))))
+    backward = asyncio.run(outcomes(list(range(59, -1, -1))))
+    assert forward == backward
+    # The rates are drawn, not fixed: some of each outcome, not all of them.
+    bounced = [e for e, names in forward.items() if "bounce" in names]
+    assert 0 < len(bounced) < 60
+    assert any("unsubscribe" in names for names in forward.values())
+    assert any("open" in names for names in forward.values())
 
 
 def test_machine_opens_are_flagged_like_apple_mail_privacy_protection() -> None:
