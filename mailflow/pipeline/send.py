@@ -219,25 +219,33 @@ class _Feed:
             if n + 1 < len(groups):
                 self._ahead = self._claim_soon(groups[n + 1])
             now = utcnow()
+            # The group is rendered in one go, then handed over. Rendered one at a time,
+            # between the HTTP client's callbacks, a message cost two to three times the
+            # CPU (236-325 against 120 µs, the send thread's own CPU time in the bench),
+            # most likely because the CPU's caches held the client's code and data each
+            # time rather than the templates'.
+            ready: list[OutboundMessage] = []
             for c in claimed:
                 when = schedule(c.context.get("send_window"), now)
                 if when.later:
                     self.deferred.append(c.id)
                     continue
                 try:
-                    msg = build_message(
-                        c,
-                        self._trigger,
-                        self._res.renderer,
-                        unsubscribe=self._unsub,
-                        send_at=when.send_at_unix,
+                    ready.append(
+                        build_message(
+                            c,
+                            self._trigger,
+                            self._res.renderer,
+                            unsubscribe=self._unsub,
+                            send_at=when.send_at_unix,
+                        )
                     )
                 except TemplateError as exc:
                     self.unrendered.append(
                         SendResult(c.id, Outcome.FAILED, reason=f"template: {exc}", attempts=0)
                     )
-                    continue
-                self.handed.add(c.id)
+            for msg in ready:
+                self.handed.add(msg.ledger_id)
                 yield msg
 
     def never_handed(self) -> list[int]:
