@@ -3,9 +3,9 @@
 Each accepted message yields, per recipient, ``processed`` then ``delivered`` (or a
 ``bounce`` / ``dropped`` / ``deferred``), then maybe ``open``, ``click``,
 ``unsubscribe`` and ``spamreport``. Outcomes are drawn from a RNG seeded with
-``events_seed`` and the message (its recipients and their ``custom_args``), so a seeded
-sink gives each message the same outcome whatever order concurrent requests arrive in;
-some addresses have fixed outcomes, by how their local part starts:
+``events_seed`` and the message (its request body), so a seeded sink gives each message
+the same outcome whatever order concurrent requests arrive in; some addresses have fixed
+outcomes, by how their local part starts:
 
     bounce...   bounce (type "bounce", 550 5.1.1)
     blocked...  bounce (type "blocked")
@@ -287,16 +287,17 @@ class EventEmitter:
     def _rngs(self, record: MessageRecord) -> tuple[random.Random, random.Random]:
         """The outcome and timing RNGs for ``record``'s events.
 
-        Seeded, they are derived from the seed and the message itself (its recipients
-        and their ``custom_args``), so each message's outcome is the same whatever order
-        concurrent batches arrive in; unseeded, the emitter's shared RNGs."""
+        Seeded, they are derived from the seed and the message itself (its request
+        body: recipients, ``custom_args`` and all), so each message's outcome is the
+        same whatever order concurrent batches arrive in; unseeded, the emitter's shared
+        RNGs."""
         seed = self.config.events_seed
         if seed is None:
             return self._rng, self._timing
-        key = "|".join(
-            f"{r.email}{sorted(r.custom_args.items())}" for r in record.recipients_detail()
+        return (
+            random.Random(b"%d:" % seed + record.raw),
+            random.Random(b"timing:%d:" % seed + record.raw),
         )
-        return random.Random(f"{seed}:{key}"), random.Random(f"timing:{seed}:{key}")
 
     def on_accept(self, record: MessageRecord) -> None:
         """Queue the events of one accepted message (runs on the loop; never waits)."""
